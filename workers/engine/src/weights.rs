@@ -1,0 +1,355 @@
+//! Weight loading with accounting. Models are built through a candle `VarBuilder` whose
+//! backend records every tensor the model reads; afterwards the file's key set is compared with
+//! the consumed set, so a checkpoint that does not fit the config fails with the exact tensor
+//! names (missing, misshapen, or unexpected) instead of loading half a model.
+//!
+//! Sources: diffusers-layout safetensors files (memory-mapped, converted to the requested
+//! dtype on load), an in-memory map (tests), or seeded random values (benchmarks, tests).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, VarBuilder};
+
+use crate::error::{EngineError, Result};
+use crate::noise::SplitMix64;
+
+enum Source {
+    Mmap(MmapedSafetensors),
+    Map(HashMap<String, Tensor>),
+    /// Random values: weights N(0, std²); tensors whose hint is a constant (norm scales and
+    /// biases) get 1 + 0.1·N / 0.1·N so normalisations are not trivial.
+    Random {
+        seed: u64,
+        std: f64,
+    },
+}
+
+#[derive(Debug, Clone)]
+enum Problem {
+    Missing {
+        name: String,
+        expected: Vec<usize>,
+    },
+    Shape {
+        name: String,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
+}
+
+struct Inner {
+    source: Source,
+    used: Mutex<BTreeMap<String, Tensor>>,
+    problems: Mutex<Vec<Problem>>,
+}
+
+impl Inner {
+    fn source_shape(&self, name: &str) -> Option<Vec<usize>> {
+        match &self.source {
+            Source::Mmap(m) => m.get(name).ok().map(|v| v.shape().to_vec()),
+            Source::Map(m) => m.get(name).map(|t| t.dims().to_vec()),
+            Source::Random { .. } => None,
+        }
+    }
+
+    fn load(&self, name: &str, dev: &Device) -> candle_core::Result<Tensor> {
+        match &self.source {
+            Source::Mmap(m) => m.load(name, dev),
+            Source::Map(m) => m
+                .get(name)
+                .cloned()
+                .ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.into() }),
+            Source::Random { .. } => unreachable!("random source has no stored tensors"),
+        }
+    }
+
+    fn record(&self, name: &str, t: &Tensor) {
+        self.used
+            .lock()
+            .expect("weights lock")
+            .insert(name.to_string(), t.clone());
+    }
+
+    fn problem(&self, p: Problem) -> candle_core::Error {
+        let msg = match &p {
+            Problem::Missing { name, .. } => format!("missing tensor {name}"),
+            Problem::Shape {
+                name,
+                expected,
+                got,
+            } => format!("shape mismatch for {name}: expected {expected:?}, got {got:?}"),
+        };
+        self.problems.lock().expect("weights lock").push(p);
+        candle_core::Error::Msg(msg)
+    }
+}
+
+struct Backend(Arc<Inner>);
+
+fn name_seed(seed: u64, name: &str) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    name.hash(&mut h);
+    seed ^ h.finish()
+}
+
+impl SimpleBackend for Backend {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        h: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let inner = &self.0;
+        let t = match &inner.source {
+            Source::Random { seed, std } => {
+                let mut rng = SplitMix64::new(name_seed(*seed, name));
+                let n = s.elem_count();
+                let v: Vec<f32> = match h {
+                    Init::Const(c) => {
+                        let base = c as f32;
+                        let spread = if base == 0.0 || base == 1.0 { 0.1 } else { 0.0 };
+                        rng.normals(n)
+                            .into_iter()
+                            .map(|z| base + spread * z)
+                            .collect()
+                    }
+                    _ => rng
+                        .normals(n)
+                        .into_iter()
+                        .map(|z| z * *std as f32)
+                        .collect(),
+                };
+                Tensor::from_vec(v, s.clone(), &Device::Cpu)?
+            }
+            _ => {
+                let Some(got) = inner.source_shape(name) else {
+                    return Err(inner.problem(Problem::Missing {
+                        name: name.into(),
+                        expected: s.dims().to_vec(),
+                    }));
+                };
+                if got != s.dims() {
+                    return Err(inner.problem(Problem::Shape {
+                        name: name.into(),
+                        expected: s.dims().to_vec(),
+                        got,
+                    }));
+                }
+                inner.load(name, &Device::Cpu)?
+            }
+        };
+        let t = t.to_dtype(dtype)?.to_device(dev)?;
+        inner.record(name, &t);
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let inner = &self.0;
+        if inner.source_shape(name).is_none() {
+            return Err(inner.problem(Problem::Missing {
+                name: name.into(),
+                expected: vec![],
+            }));
+        }
+        let t = inner
+            .load(name, &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(dev)?;
+        inner.record(name, &t);
+        Ok(t)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.source_shape(name).is_some()
+    }
+}
+
+/// A set of weights for one model, with accounting of what the model consumed.
+#[derive(Clone)]
+pub struct Weights {
+    inner: Arc<Inner>,
+    dtype: DType,
+    device: Device,
+    origin: String,
+}
+
+impl Weights {
+    fn with_source(source: Source, dtype: DType, device: &Device, origin: String) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                source,
+                used: Mutex::new(BTreeMap::new()),
+                problems: Mutex::new(Vec::new()),
+            }),
+            dtype,
+            device: device.clone(),
+            origin,
+        }
+    }
+
+    /// Memory-map one or more safetensors files (a sharded checkpoint is several files).
+    pub fn from_safetensors<P: AsRef<Path>>(
+        paths: &[P],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        for p in paths {
+            if !p.as_ref().is_file() {
+                return Err(EngineError::Io {
+                    path: p.as_ref().to_path_buf(),
+                    source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+                });
+            }
+        }
+        // SAFETY: the files are opened read-only; like every mmap user we rely on nobody
+        // truncating a weight file while the model is being built (tensors are copied out).
+        let m = unsafe { MmapedSafetensors::multi(paths)? };
+        let origin = paths
+            .iter()
+            .map(|p| p.as_ref().display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        Ok(Self::with_source(Source::Mmap(m), dtype, device, origin))
+    }
+
+    /// Weights from tensors in memory (tests, converted checkpoints).
+    pub fn from_tensors(map: HashMap<String, Tensor>, dtype: DType, device: &Device) -> Self {
+        Self::with_source(Source::Map(map), dtype, device, "in-memory tensors".into())
+    }
+
+    /// Seeded random weights: each tensor N(0, std²) from a generator keyed by (seed, name);
+    /// norm scales 1 + 0.1·N, biases that default to 0 get 0.1·N.
+    pub fn random(seed: u64, std: f64, dtype: DType, device: &Device) -> Self {
+        Self::with_source(
+            Source::Random { seed, std },
+            dtype,
+            device,
+            format!("random weights (seed {seed})"),
+        )
+    }
+
+    /// The dtype tensors are converted to.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device tensors are placed on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Builds a model with `f` and checks the accounting: a missing or misshapen tensor is
+    /// reported by name, and (for file and map sources) so is any tensor the model never read.
+    pub fn build<T>(
+        &self,
+        model: &str,
+        f: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<T>,
+    ) -> Result<T> {
+        let vb = VarBuilder::from_backend(
+            Box::new(Backend(self.inner.clone())),
+            self.dtype,
+            self.device.clone(),
+        );
+        let model = format!("{model} ({})", self.origin);
+        let built = f(vb);
+        let first_problem = self
+            .inner
+            .problems
+            .lock()
+            .expect("weights lock")
+            .first()
+            .cloned();
+        if let Some(p) = first_problem {
+            return Err(match p {
+                Problem::Missing { name, expected } => EngineError::MissingTensor {
+                    model,
+                    name,
+                    expected,
+                },
+                Problem::Shape {
+                    name,
+                    expected,
+                    got,
+                } => EngineError::ShapeMismatch {
+                    model,
+                    name,
+                    expected,
+                    got,
+                },
+            });
+        }
+        let built = built?;
+        let unexpected = self.unused_keys();
+        if !unexpected.is_empty() {
+            return Err(EngineError::UnexpectedTensors {
+                model,
+                names: unexpected,
+            });
+        }
+        Ok(built)
+    }
+
+    /// Keys present in the source that no model has read (sorted). Empty for random weights.
+    pub fn unused_keys(&self) -> Vec<String> {
+        let used = self.inner.used.lock().expect("weights lock");
+        let all: BTreeSet<String> = match &self.inner.source {
+            Source::Mmap(m) => m.tensors().into_iter().map(|(k, _)| k).collect(),
+            Source::Map(m) => m.keys().cloned().collect(),
+            Source::Random { .. } => BTreeSet::new(),
+        };
+        all.into_iter().filter(|k| !used.contains_key(k)).collect()
+    }
+
+    /// Every tensor the models built from these weights consumed, by name (e.g. to save a
+    /// randomly initialised model as a diffusers-layout safetensors file).
+    pub fn consumed(&self) -> HashMap<String, Tensor> {
+        self.inner
+            .used
+            .lock()
+            .expect("weights lock")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Saves the consumed tensors as a safetensors file.
+    pub fn save_consumed(&self, path: &Path) -> Result<()> {
+        candle_core::safetensors::save(&self.consumed(), path)?;
+        Ok(())
+    }
+}
+
+/// Reads and parses a JSON config file, naming the file on error.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|source| EngineError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|e| EngineError::Config {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// The first existing file among `names` inside `dir` (e.g. the fp32 file, then the fp16 one).
+pub fn find_file(dir: &Path, names: &[&str]) -> Result<PathBuf> {
+    names
+        .iter()
+        .map(|n| dir.join(n))
+        .find(|p| p.is_file())
+        .ok_or_else(|| EngineError::Io {
+            path: dir.join(names.first().copied().unwrap_or("")),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("none of {names:?} exists in {}", dir.display()),
+            ),
+        })
+}
