@@ -1,1 +1,6 @@
+//! defectforge worker: the consume loop (ack after commit, graceful shutdown, bounded broker
+//! reconnect), the `Generator` trait and its implementations.
 
+pub mod cli;
+pub mod generators;
+pub mod runner;

@@ -1,1 +1,180 @@
-fn main() {}
+//! `defectforge-worker`: consumes shards from RabbitMQ and writes results to S3 (or a local
+//! directory). Exit codes: 0 after SIGTERM/SIGINT (current shard finished and acked) or when
+//! idle; 2 when the broker stayed unreachable beyond --reconnect-window-s; 3 when a shard
+//! overran its time limit or the worker is misconfigured (e.g. wrong S3 credentials).
+
+use anyhow::Result;
+use clap::Parser;
+use defectforge::queue::{redact_url, AmqpQueue};
+use defectforge::retry::Backoff;
+use defectforge_worker::cli::{init_logging, AmqpArgs, LogFormat, S3Args};
+use defectforge_worker::runner::{consume_loop, default_worker_id, LoopEnd, Worker, WorkerConfig, WorkerError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::{error, info, warn};
+
+/// Generates defect image + mask pairs from shards on RabbitMQ.
+#[derive(Debug, Parser)]
+#[command(name = "defectforge-worker", version)]
+struct Args {
+    #[command(flatten)]
+    amqp: AmqpArgs,
+    #[command(flatten)]
+    s3: S3Args,
+    /// shards held unacked at once per consumer (1 suits GPU shards of minutes)
+    #[arg(long, env = "DEFECTFORGE_PREFETCH", default_value_t = 1)]
+    prefetch: u16,
+    /// shards processed concurrently by this process (one consumer each)
+    #[arg(long, env = "DEFECTFORGE_CONCURRENCY", default_value_t = 1)]
+    concurrency: usize,
+    /// worker id recorded in manifest rows (default: hostname-pid)
+    #[arg(long, env = "DEFECTFORGE_WORKER_ID")]
+    worker_id: Option<String>,
+    /// seconds to keep trying to (re)connect to the broker before exiting with code 2
+    #[arg(long, env = "DEFECTFORGE_RECONNECT_WINDOW_S", default_value_t = 60)]
+    reconnect_window_s: u64,
+    /// tries per store operation for transient errors (backoff with jitter between tries)
+    #[arg(long, env = "DEFECTFORGE_RETRY_ATTEMPTS", default_value_t = 5)]
+    retry_attempts: u32,
+    /// exit 0 after this many seconds without a delivery (unset: run until stopped)
+    #[arg(long, env = "DEFECTFORGE_IDLE_EXIT_S")]
+    idle_exit_s: Option<u64>,
+    /// log format
+    #[arg(long, env = "DEFECTFORGE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    init_logging(args.log_format);
+    match run(args).await {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("defectforge-worker: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<i32> {
+    let worker_id = args.worker_id.clone().unwrap_or_else(default_worker_id);
+    let cfg = WorkerConfig {
+        worker_id: worker_id.clone(),
+        s3: args.s3.config(),
+        retry: Backoff {
+            attempts: args.retry_attempts.max(1),
+            ..Backoff::default()
+        },
+        delivery_limit: args.amqp.delivery_limit as u64,
+        upload_concurrency: 8,
+    };
+    info!(
+        worker = %worker_id,
+        amqp = %redact_url(&args.amqp.amqp_url),
+        queue = %args.amqp.queue,
+        s3 = ?cfg.s3,
+        "starting worker"
+    );
+    let worker = Arc::new(Worker::new(cfg));
+    let (sig_tx, sig_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        info!("shutdown requested: finishing the current shard");
+        let _ = sig_tx.send(true);
+    });
+    let window = Duration::from_secs(args.reconnect_window_s);
+    let mut lost_since = Instant::now();
+    let mut backoff_n = 0u32;
+    let idle = args.idle_exit_s.map(Duration::from_secs);
+    loop {
+        if *sig_rx.borrow() {
+            return Ok(0);
+        }
+        let q = match AmqpQueue::connect(args.amqp.config(&worker_id)).await {
+            Ok(q) => q,
+            Err(e) => {
+                if lost_since.elapsed() >= window {
+                    let msg = format!(
+                        "the broker at {} was unreachable for {} s ({e}); exiting so that the supervisor restarts this worker (unacked shards are redelivered)",
+                        redact_url(&args.amqp.amqp_url),
+                        window.as_secs()
+                    );
+                    error!("{msg}");
+                    eprintln!("defectforge-worker: {msg}");
+                    return Ok(2);
+                }
+                backoff_n += 1;
+                let d = Backoff { attempts: u32::MAX, base: Duration::from_millis(500), max: Duration::from_secs(5) }.delay(backoff_n);
+                warn!("broker unavailable ({e}); retrying in {} ms", d.as_millis());
+                tokio::select! {
+                    _ = tokio::time::sleep(d) => {}
+                    _ = async { let mut r = sig_rx.clone(); let _ = r.changed().await; } => {}
+                }
+                continue;
+            }
+        };
+        backoff_n = 0;
+        info!("connected to the broker; consuming");
+        // One stop signal for this connection's consumers: SIGTERM, or the first consumer error.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stop_tx = Arc::new(stop_tx);
+        {
+            let mut s = sig_rx.clone();
+            let stop_tx = stop_tx.clone();
+            tokio::spawn(async move {
+                if !*s.borrow() {
+                    let _ = s.changed().await;
+                }
+                let _ = stop_tx.send(true);
+            });
+        }
+        let mut loops = vec![];
+        for _ in 0..args.concurrency.max(1) {
+            let (w, q2, rx, stop) = (worker.clone(), &q, stop_rx.clone(), stop_tx.clone());
+            loops.push(async move {
+                let r = consume_loop(&w, q2, args.prefetch.max(1), rx, idle).await;
+                if r.is_err() {
+                    let _ = stop.send(true);
+                }
+                r
+            });
+        }
+        let results = futures_util::future::join_all(loops).await;
+        let mut lost = None;
+        let mut end = LoopEnd::Drained;
+        for r in results {
+            match r {
+                Ok(e) => end = e,
+                Err(WorkerError::Queue(e)) => lost = Some(e),
+                Err(e) => {
+                    q.close().await;
+                    error!("{e}");
+                    eprintln!("defectforge-worker: {e}");
+                    return Ok(3);
+                }
+            }
+        }
+        if let Some(e) = lost {
+            if *sig_rx.borrow() {
+                return Ok(0);
+            }
+            warn!("lost the broker connection ({e}); reconnecting for up to {} s", window.as_secs());
+            lost_since = Instant::now();
+            continue;
+        }
+        q.close().await;
+        let c = &worker.counters;
+        info!(
+            shards = c.shards_committed.load(std::sync::atomic::Ordering::Relaxed),
+            samples = c.samples_committed.load(std::sync::atomic::Ordering::Relaxed),
+            "worker stopping ({end:?})"
+        );
+        return Ok(0);
+    }
+}

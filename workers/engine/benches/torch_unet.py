@@ -71,14 +71,18 @@ def main():
         with torch.inference_mode():
             unet(x, t, ctx)  # warm-up
             times = []
+            r0 = resource.getrusage(resource.RUSAGE_SELF)
             for _ in range(args.iters):
                 s = time.perf_counter()
                 unet(x, t, ctx)
                 times.append(time.perf_counter() - s)
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = (r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime) / args.iters
+        rss = r1.ru_maxrss / 1024 / 1024
         print(
             f"torch batch {b} latent {args.latent}: mean {sum(times) / len(times):.2f} s "
-            f"min {min(times):.2f} s over {args.iters} iters; peak RSS {rss:.2f} GiB"
+            f"min {min(times):.2f} s over {args.iters} iters, {cpu:.2f} CPU-s/forward; "
+            f"peak RSS {rss:.2f} GiB"
         )
 
 

@@ -27,6 +27,16 @@ fn peak_rss_gib() -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0 / 1024.0)
 }
 
+/// Process CPU seconds (user + system) from /proc/self/stat; robust to other load on the box.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, a)| a);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN);
+    // Fields 14 and 15 (utime, stime) are at 11 and 12 after the ")".
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // `cargo bench` passes `--bench`; nothing else to parse.
     let batches: Vec<usize> = env_or("BATCHES", "1,8")
@@ -48,8 +58,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let t0 = Instant::now();
     let weights = Weights::random(0, 0.02, dtype, &dev);
+    weights.discard_random_tensors();
     let unet = UNet2DConditionModel::from_weights(&weights, &UNetConfig::sd_v1_5())?;
-    let params: usize = weights.consumed().values().map(|t| t.elem_count()).sum();
+    let params = weights.consumed_param_count();
     println!(
         "candle SD 1.5 UNet {:.1} M params, {dtype:?} on {dev:?}, threads {}, init {:.1} s",
         params as f64 / 1e6,
@@ -66,6 +77,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         dev.synchronize()?;
         drop(out);
         let mut times = Vec::new();
+        let cpu0 = cpu_seconds();
         for _ in 0..iters {
             let s = Instant::now();
             let out = unet.forward(&x, &t, &ctx, None)?;
@@ -75,8 +87,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         let mean = times.iter().sum::<f64>() / times.len() as f64;
         let min = times.iter().cloned().fold(f64::INFINITY, f64::min);
+        let cpu = (cpu_seconds() - cpu0) / iters as f64;
         println!(
-            "candle batch {b} latent {latent}: mean {mean:.2} s min {min:.2} s over {iters} iters; peak RSS {:.2} GiB",
+            "candle batch {b} latent {latent}: mean {mean:.2} s min {min:.2} s over {iters} iters, {cpu:.2} CPU-s/forward; peak RSS {:.2} GiB",
             peak_rss_gib()
         );
         if profile && matches!(dev, Device::Cpu) {

@@ -199,7 +199,7 @@ impl BasicTransformerBlock {
 /// Input/output projection of [`Transformer2D`]: 1×1 conv (SD 1.x) or linear (SD 2.x).
 #[derive(Debug, Clone)]
 enum Proj {
-    Conv(candle_nn::Conv2d),
+    Conv(crate::nn::Conv2d),
     Linear(Linear),
 }
 

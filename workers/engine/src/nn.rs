@@ -81,6 +81,27 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
 }
 
 /// 2-D convolution with bias, PyTorch weight layout `[out, in, k, k]`.
+///
+/// On CPU, stride-1 convolutions run as one GEMM over an im2col matrix built from shifted
+/// views, with the kernel packed once at load time as `[out, k·k·in]`. candle's CPU conv2d
+/// re-packs the kernel single-threaded on every call and parallelises only over 512-pixel
+/// tiles, which dominated the SD-1.5 profile at low resolutions (docs/benchmarks.md). Other
+/// devices and strides use candle's conv2d (cuDNN on GPU). The packed kernel is derived from
+/// the loaded weight once: fine for frozen weights, stale if the weight is trained in place.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    /// `[out, in, k, k]`, kept where candle's conv2d is used.
+    weight: Option<Tensor>,
+    /// `[out, k·k·in]` in (kh, kw, in) order, kept for the CPU GEMM path.
+    packed: Option<Tensor>,
+    bias: Tensor,
+    k: usize,
+    stride: usize,
+    padding: usize,
+    cout: usize,
+}
+
+/// Loads a [`Conv2d`] (`weight`, `bias`) under `vb`.
 pub fn conv2d(
     cin: usize,
     cout: usize,
@@ -88,11 +109,61 @@ pub fn conv2d(
     stride: usize,
     padding: usize,
     vb: VarBuilder,
-) -> Result<candle_nn::Conv2d> {
-    let cfg = candle_nn::Conv2dConfig {
-        padding,
-        stride,
-        ..Default::default()
+) -> Result<Conv2d> {
+    let weight = vb.get_with_hints((cout, cin, k, k), "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)?;
+    let bound = 1.0 / ((cin * k * k) as f64).sqrt();
+    let bias = vb.get_with_hints(cout, "bias", candle_nn::Init::Uniform { lo: -bound, up: bound })?;
+    let gemm_path = weight.device().is_cpu() && stride == 1;
+    let (weight, packed) = if gemm_path {
+        let packed = weight.permute((0, 2, 3, 1))?.reshape((cout, k * k * cin))?.contiguous()?;
+        (None, Some(packed))
+    } else {
+        (Some(weight), None)
     };
-    candle_nn::conv2d(cin, cout, k, cfg, vb)
+    Ok(Conv2d {
+        weight,
+        packed,
+        bias,
+        k,
+        stride,
+        padding,
+        cout,
+    })
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let y = match (&self.packed, &self.weight) {
+            (Some(packed), _) if x.device().is_cpu() => {
+                let p = self.padding;
+                let (oh, ow) = (h + 2 * p + 1 - self.k, w + 2 * p + 1 - self.k);
+                let cols = if self.k == 1 && p == 0 {
+                    x.contiguous()?.reshape((b, c, h * w))?
+                } else {
+                    let xp = if p > 0 {
+                        x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?
+                    } else {
+                        x.clone()
+                    };
+                    let mut views = Vec::with_capacity(self.k * self.k);
+                    for kh in 0..self.k {
+                        for kw in 0..self.k {
+                            views.push(xp.narrow(2, kh, oh)?.narrow(3, kw, ow)?.contiguous()?);
+                        }
+                    }
+                    Tensor::cat(&views, 1)?.reshape((b, self.k * self.k * c, oh * ow))?
+                };
+                let y = if b == 1 {
+                    packed.matmul(&cols.squeeze(0)?)?.unsqueeze(0)?
+                } else {
+                    packed.broadcast_left(b)?.matmul(&cols)?
+                };
+                y.reshape((b, self.cout, oh, ow))?
+            }
+            (_, Some(weight)) => x.conv2d(weight, self.padding, self.stride, 1, 1)?,
+            _ => candle_core::bail!("conv2d: packed CPU kernel used on a non-CPU input"),
+        };
+        y.broadcast_add(&self.bias.reshape((1, self.cout, 1, 1))?)
+    }
 }

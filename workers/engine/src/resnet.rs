@@ -4,9 +4,9 @@
 //! `UpBlock2D` build resnets with 32 groups whatever the config says — 0.47 off on tiny-sd).
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
+use candle_nn::{GroupNorm, Linear, VarBuilder};
 
-use crate::nn::{conv2d, silu};
+use crate::nn::{conv2d, silu, Conv2d};
 
 /// diffusers `ResnetBlock2D` with `time_embedding_norm="default"`:
 /// h = conv1(SiLU(GN1(x))) + proj(SiLU(temb)); h = conv2(SiLU(GN2(h)));

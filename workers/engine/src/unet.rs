@@ -11,13 +11,13 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Result as CResult, Tensor};
-use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
+use candle_nn::{GroupNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
 use crate::attention::{Transformer2D, Transformer2DConfig};
 use crate::control::{AttentionController, ControlState};
 use crate::error::{EngineError, Result};
-use crate::nn::{conv2d, silu};
+use crate::nn::{conv2d, silu, Conv2d};
 use crate::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 use crate::weights::{find_file, read_json, Weights};
 

@@ -9,11 +9,11 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Result as CResult, Tensor, D};
-use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
+use candle_nn::{GroupNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
 use crate::error::{EngineError, Result};
-use crate::nn::{conv2d, silu, softmax_last_dim};
+use crate::nn::{conv2d, silu, softmax_last_dim, Conv2d};
 use crate::noise::NoiseSource;
 use crate::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 use crate::weights::{find_file, read_json, Weights};

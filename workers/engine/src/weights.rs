@@ -45,7 +45,11 @@ enum Problem {
 
 struct Inner {
     source: Source,
-    used: Mutex<BTreeMap<String, Tensor>>,
+    /// Names read by models, with the tensor kept where it cannot be read again from the
+    /// source (random weights, for `save_consumed`); file-backed tensors are not kept, so a
+    /// loaded model does not hold a second copy of its weights.
+    used: Mutex<BTreeMap<String, (usize, Option<Tensor>)>>,
+    keep_random: std::sync::atomic::AtomicBool,
     problems: Mutex<Vec<Problem>>,
 }
 
@@ -70,10 +74,14 @@ impl Inner {
     }
 
     fn record(&self, name: &str, t: &Tensor) {
+        let keep = match self.source {
+            Source::Random { .. } => self.keep_random.load(std::sync::atomic::Ordering::Relaxed),
+            _ => false,
+        };
         self.used
             .lock()
             .expect("weights lock")
-            .insert(name.to_string(), t.clone());
+            .insert(name.to_string(), (t.elem_count(), keep.then(|| t.clone())));
     }
 
     fn problem(&self, p: Problem) -> candle_core::Error {
@@ -187,6 +195,7 @@ impl Weights {
             inner: Arc::new(Inner {
                 source,
                 used: Mutex::new(BTreeMap::new()),
+                keep_random: std::sync::atomic::AtomicBool::new(true),
                 problems: Mutex::new(Vec::new()),
             }),
             dtype,
@@ -308,15 +317,33 @@ impl Weights {
         all.into_iter().filter(|k| !used.contains_key(k)).collect()
     }
 
-    /// Every tensor the models built from these weights consumed, by name (e.g. to save a
-    /// randomly initialised model as a diffusers-layout safetensors file).
+    /// Stops keeping generated random tensors (saves memory when they will not be saved).
+    pub fn discard_random_tensors(&self) {
+        self.inner
+            .keep_random
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The names of all tensors models have read from these weights.
+    pub fn consumed_names(&self) -> Vec<String> {
+        self.inner.used.lock().expect("weights lock").keys().cloned().collect()
+    }
+
+    /// The number of scalar parameters models have read from these weights.
+    pub fn consumed_param_count(&self) -> usize {
+        self.inner.used.lock().expect("weights lock").values().map(|(n, _)| n).sum()
+    }
+
+    /// The random tensors the models built from these weights consumed, by name (e.g. to save
+    /// a randomly initialised model as a diffusers-layout safetensors file). Empty for file
+    /// and map sources, whose tensors are already stored.
     pub fn consumed(&self) -> HashMap<String, Tensor> {
         self.inner
             .used
             .lock()
             .expect("weights lock")
             .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .filter_map(|(k, (_, v))| v.as_ref().map(|t| (k.clone(), t.clone())))
             .collect()
     }
 

@@ -1,0 +1,419 @@
+//! The coordinator's commands. Each validates everything it can before it touches a service and
+//! writes nothing when a check fails.
+
+use crate::CampaignRef;
+use anyhow::{anyhow, bail, Context, Result};
+use defectforge::campaign::Campaign;
+use defectforge::ledger::{self, CampaignRecord, FinalizeOptions};
+use defectforge::messages::ShardMessage;
+use defectforge::plan::{Plan, PLAN_VERSION};
+use defectforge::queue::{redact_url, AmqpQueue, InProcQueue, JobQueue};
+use defectforge::store::{self, ObjectStore, S3Config};
+use defectforge::{dataset, demo, ids, layout};
+use defectforge_worker::cli::AmqpArgs;
+use defectforge_worker::runner::{consume_loop, Worker, WorkerConfig};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::IsTerminal;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::info;
+
+/// Shards published per batch of confirms.
+const PUBLISH_CHUNK: u64 = 512;
+
+fn bar(len: u64, what: &str) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template(&format!(
+            "{what} {{bar:40}} {{pos}}/{{len}} ({{per_sec}}, ETA {{eta}})"
+        ))
+        .expect("template"),
+    );
+    pb
+}
+
+/// Loads, validates and plans a campaign (materialising the demo dataset when asked).
+pub async fn load_plan(path: &Path, s3: &S3Config, output_override: Option<String>) -> Result<Plan> {
+    let mut c = Campaign::load(path)?;
+    if let Some(o) = output_override {
+        c.output = defectforge::campaign::resolve_location(&std::env::current_dir()?, &o);
+    }
+    if c.dataset.demo {
+        demo::ensure(Path::new(&c.dataset.source))
+            .with_context(|| format!("materialising the demo dataset in {}", c.dataset.source))?;
+    }
+    let inputs = dataset::resolve(&c, s3)
+        .await
+        .map_err(|e| anyhow!("campaign {}: {e}", path.display()))?;
+    Ok(Plan::new(c, &inputs))
+}
+
+fn record(plan: &Plan) -> CampaignRecord {
+    CampaignRecord {
+        campaign_id: plan.campaign_id.clone(),
+        plan_digest: plan.digest.clone(),
+        plan_version: PLAN_VERSION,
+        total_samples: plan.total_samples,
+        shard_count: plan.shard_count,
+        shard_size: plan.campaign.shard_size,
+        shard_time_limit_s: plan.campaign.shard_time_limit_s,
+        seed: plan.campaign.seed,
+        created_at: chrono::Utc::now(),
+        counts: plan.counts(),
+        spec: plan.campaign.clone(),
+    }
+}
+
+async fn open_output(location: &str, s3: &S3Config) -> Result<Arc<dyn ObjectStore>> {
+    let st = store::open(location, s3).await?;
+    st.check().await.with_context(|| format!("checking the output store {location}"))?;
+    Ok(st)
+}
+
+/// Resolves a campaign reference to its store and id.
+async fn resolve_ref(c: &CampaignRef, s3: &S3Config) -> Result<(Arc<dyn ObjectStore>, String)> {
+    let p = Path::new(&c.campaign);
+    if c.campaign.ends_with(".toml") || p.is_file() {
+        let plan = load_plan(p, s3, c.output.clone()).await?;
+        let st = open_output(&plan.campaign.output, s3).await?;
+        return Ok((st, plan.campaign_id));
+    }
+    let output = c.output.clone().ok_or_else(|| {
+        anyhow!("--output (or DEFECTFORGE_OUTPUT) must name the campaign's output location when a campaign id is given")
+    })?;
+    if !ids::is_safe_campaign_id(&c.campaign) {
+        bail!("{:?} is neither a campaign file nor a campaign id (ids look like name-0123456789ab)", c.campaign);
+    }
+    Ok((open_output(&output, s3).await?, c.campaign.clone()))
+}
+
+pub async fn plan(path: &Path, json: bool, s3: &S3Config) -> Result<i32> {
+    let p = load_plan(path, s3, None).await?;
+    if json {
+        let v = serde_json::json!({
+            "campaign_id": p.campaign_id,
+            "plan_digest": p.digest,
+            "samples": p.total_samples,
+            "shards": p.shard_count,
+            "shard_size": p.campaign.shard_size,
+            "shard_time_limit_s": p.campaign.shard_time_limit_s,
+            "output": p.campaign.output,
+            "counts": p.counts().iter().map(|(c, d, n)| serde_json::json!({"category": c, "defect_type": d, "count": n})).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("campaign    {}", p.campaign_id);
+        println!("digest      {}", p.digest);
+        println!("samples     {}", p.total_samples);
+        println!("shards      {} of up to {} samples", p.shard_count, p.campaign.shard_size);
+        println!("output      {}", p.campaign.output);
+        for ((c, d, n), spec) in p.counts().iter().zip(
+            p.campaign.categories.values().flat_map(|c| c.defects.values()),
+        ) {
+            println!("  {c}/{d}: {n} samples, generator {}, masks {}", spec.generator, spec.mask.as_str());
+        }
+    }
+    Ok(0)
+}
+
+async fn publish_shards(q: &dyn JobQueue, plan: &Plan, shards: &[u64]) -> Result<u64> {
+    let pb = bar(shards.len() as u64, "publishing");
+    let mut done = 0u64;
+    for chunk in shards.chunks(PUBLISH_CHUNK as usize) {
+        let bodies: Vec<Vec<u8>> = chunk.iter().map(|&s| plan.shard(s).to_bytes()).collect();
+        q.publish(bodies).await.map_err(|e| {
+            anyhow!(
+                "{e}; {done} of {} shards were published before the failure — run `defectforge resume {}` once the broker is back",
+                shards.len(),
+                plan.campaign_id
+            )
+        })?;
+        done += chunk.len() as u64;
+        pb.set_position(done);
+        if done % (PUBLISH_CHUNK * 20) == 0 {
+            info!("published {done}/{} shards", shards.len());
+        }
+    }
+    pb.finish_and_clear();
+    Ok(done)
+}
+
+pub async fn submit(path: &Path, amqp: &AmqpArgs, s3: &S3Config) -> Result<i32> {
+    let plan = load_plan(path, s3, None).await?;
+    let st = open_output(&plan.campaign.output, s3).await?;
+    // Connect before writing anything, so an unreachable broker leaves no trace.
+    let q = AmqpQueue::connect(amqp.config("defectforge-coordinator")).await?;
+    match ledger::read_record(st.as_ref(), &plan.campaign_id).await {
+        Ok(_) => bail!(
+            "campaign {} was already submitted to {}; run `defectforge resume {} --output {}` to publish its uncommitted shards",
+            plan.campaign_id,
+            plan.campaign.output,
+            plan.campaign_id,
+            plan.campaign.output
+        ),
+        Err(ledger::LedgerError::UnknownCampaign { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
+    ledger::write_record(st.as_ref(), &record(&plan)).await?;
+    let shards: Vec<u64> = (0..plan.shard_count).collect();
+    let t = Instant::now();
+    publish_shards(&q, &plan, &shards).await?;
+    q.close().await;
+    eprintln!(
+        "submitted {} samples in {} shards to {} (queue {}) in {:.1} s; results go to {}",
+        plan.total_samples,
+        plan.shard_count,
+        redact_url(&amqp.amqp_url),
+        amqp.queue,
+        t.elapsed().as_secs_f64(),
+        plan.campaign.output
+    );
+    println!("{}", plan.campaign_id);
+    Ok(0)
+}
+
+pub async fn status(c: &CampaignRef, json: bool, s3: &S3Config) -> Result<i32> {
+    let (st, cid) = resolve_ref(c, s3).await?;
+    let s = ledger::status(st.as_ref(), &cid).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(0);
+    }
+    println!("campaign   {}{}", s.campaign_id, if s.cancelled { " (cancelled)" } else { "" });
+    println!("planned    {} samples in {} shards", s.planned, s.planned_shards);
+    println!("committed  {} samples ({} shards)", s.committed, s.committed_shards);
+    println!("failed     {} samples ({} dead-lettered shards)", s.failed, s.dead);
+    println!("pending    {} samples", s.pending);
+    match s.finalized_rows {
+        Some(n) => println!("manifest   {n} rows"),
+        None => println!("manifest   not finalized"),
+    }
+    for f in &s.failures {
+        println!(
+            "  shard {} [{}]: {}{}",
+            f.shard_id,
+            f.class,
+            f.cause,
+            f.input_uri.as_ref().map(|u| format!(" (input {u})")).unwrap_or_default()
+        );
+    }
+    if !s.failures.is_empty() {
+        println!("fix the inputs, then run `defectforge requeue-dead {} --output {}`", s.campaign_id, st.root_uri());
+    }
+    Ok(0)
+}
+
+pub async fn watch(c: &CampaignRef, interval_s: f64, timeout_s: Option<u64>, s3: &S3Config) -> Result<i32> {
+    let (st, cid) = resolve_ref(c, s3).await?;
+    let first = ledger::status(st.as_ref(), &cid).await?;
+    let pb = bar(first.planned, "samples");
+    let tty = std::io::stderr().is_terminal();
+    let t0 = Instant::now();
+    let start_committed = first.committed;
+    loop {
+        let s = ledger::status(st.as_ref(), &cid).await?;
+        pb.set_position(s.committed);
+        if !tty {
+            let rate = (s.committed - start_committed.min(s.committed)) as f64 / t0.elapsed().as_secs_f64().max(1e-3);
+            let left = s.pending as f64 / rate.max(1e-9);
+            eprintln!(
+                "{cid}: {}/{} committed, {} failed, {:.1} samples/s, ETA {}",
+                s.committed,
+                s.planned,
+                s.failed,
+                rate,
+                if rate > 0.0 { format!("{left:.0} s") } else { "unknown".into() }
+            );
+        }
+        if s.pending == 0 || s.cancelled {
+            pb.finish_and_clear();
+            eprintln!(
+                "{cid}: {} committed, {} failed{}",
+                s.committed,
+                s.failed,
+                if s.cancelled { " (cancelled)" } else { "" }
+            );
+            return Ok(if s.failed == 0 && !s.cancelled { 0 } else { 1 });
+        }
+        if let Some(t) = timeout_s {
+            if t0.elapsed() > Duration::from_secs(t) {
+                pb.finish_and_clear();
+                eprintln!("{cid}: still {} samples pending after {t} s", s.pending);
+                return Ok(1);
+            }
+        }
+        tokio::time::sleep(Duration::from_secs_f64(interval_s.max(0.05))).await;
+    }
+}
+
+pub async fn resume(c: &CampaignRef, include_dead: bool, amqp: &AmqpArgs, s3: &S3Config) -> Result<i32> {
+    let (st, cid) = resolve_ref(c, s3).await?;
+    let rec = ledger::read_record(st.as_ref(), &cid).await?;
+    if ledger::is_cancelled(st.as_ref(), &cid).await? {
+        bail!("campaign {cid} is cancelled; nothing to resume");
+    }
+    let inputs = dataset::resolve(&rec.spec, s3).await.map_err(|e| anyhow!("campaign {cid}: {e}"))?;
+    let plan = Plan::new(rec.spec.clone(), &inputs);
+    if plan.digest != rec.plan_digest {
+        bail!(
+            "the dataset of campaign {cid} changed since it was submitted (plan digest {} != {}); resubmitting the changed campaign creates a new campaign id",
+            &plan.digest[..12],
+            &rec.plan_digest[..12]
+        );
+    }
+    let mut shards = ledger::uncommitted_shards(st.as_ref(), &rec).await?;
+    if !include_dead {
+        let dead: std::collections::HashSet<String> =
+            ledger::failures(st.as_ref(), &cid).await?.into_iter().map(|f| f.shard_id).collect();
+        shards.retain(|s| !dead.contains(&ids::shard_id(*s)));
+    }
+    let q = AmqpQueue::connect(amqp.config("defectforge-coordinator")).await?;
+    let n = publish_shards(&q, &plan, &shards).await?;
+    q.close().await;
+    eprintln!("{cid}: published {n} uncommitted shards");
+    Ok(0)
+}
+
+pub async fn cancel(c: &CampaignRef, s3: &S3Config) -> Result<i32> {
+    let (st, cid) = resolve_ref(c, s3).await?;
+    ledger::cancel(st.as_ref(), &cid, "cancelled from the CLI").await?;
+    eprintln!("{cid}: cancelled; workers will skip its remaining shards; `finalize` still collects what was committed");
+    Ok(0)
+}
+
+pub async fn finalize(c: &CampaignRef, verify: bool, s3: &S3Config) -> Result<i32> {
+    let (st, cid) = resolve_ref(c, s3).await?;
+    let rec = ledger::read_record(st.as_ref(), &cid).await?;
+    let pb = bar(rec.shard_count, "shards");
+    let t = Instant::now();
+    let idx = ledger::finalize(
+        st.as_ref(),
+        &cid,
+        FinalizeOptions { verify_objects: verify, ..Default::default() },
+        &|d, _| pb.set_position(d),
+    )
+    .await?;
+    pb.finish_and_clear();
+    eprintln!(
+        "{cid}: {} rows in {} part(s) in {:.1} s; {} shards missing, {} duplicate attempts ignored, {} invalid attempts rejected",
+        idx.rows,
+        idx.parts.len(),
+        t.elapsed().as_secs_f64(),
+        idx.missing_shards.len(),
+        idx.unused_attempts,
+        idx.rejected_attempts.len()
+    );
+    for p in &idx.parts {
+        println!("{p}");
+    }
+    Ok(0)
+}
+
+pub async fn requeue_dead(c: &CampaignRef, amqp: &AmqpArgs, s3: &S3Config) -> Result<i32> {
+    let (st, cid) = resolve_ref(c, s3).await?;
+    ledger::read_record(st.as_ref(), &cid).await?;
+    let q = AmqpQueue::connect(amqp.config("defectforge-coordinator")).await?;
+    let moved_shards = std::sync::Mutex::new(vec![]);
+    let cid2 = cid.clone();
+    let n = q
+        .requeue_dead(&|body: &[u8]| match ShardMessage::from_bytes(body) {
+            Ok(m) if m.campaign_id == cid2 => {
+                moved_shards.lock().expect("list").push(m.shard_id);
+                true
+            }
+            _ => false,
+        })
+        .await?;
+    q.close().await;
+    for s in moved_shards.into_inner().expect("list") {
+        st.delete(&layout::failure(&cid, &s)).await?;
+    }
+    eprintln!("{cid}: moved {n} dead-lettered shards back to the work queue");
+    Ok(0)
+}
+
+pub async fn gc(c: &CampaignRef, dry_run: bool, s3: &S3Config) -> Result<i32> {
+    let (st, cid) = resolve_ref(c, s3).await?;
+    let r = ledger::gc(st.as_ref(), &cid, dry_run, chrono::Utc::now()).await?;
+    eprintln!(
+        "{cid}: {} {} unreferenced objects and {} unused fragments ({} bytes); kept {} younger than the shard time limit",
+        if dry_run { "would delete" } else { "deleted" },
+        r.deleted_objects,
+        r.deleted_fragments,
+        r.deleted_bytes,
+        r.kept_young
+    );
+    println!("{}", serde_json::to_string(&r)?);
+    Ok(0)
+}
+
+pub async fn run(path: &Path, workers: Option<usize>, output: Option<String>, s3: &S3Config) -> Result<i32> {
+    let t0 = Instant::now();
+    let plan = load_plan(path, s3, output).await?;
+    let st = open_output(&plan.campaign.output, s3).await?;
+    let cid = plan.campaign_id.clone();
+    match ledger::read_record(st.as_ref(), &cid).await {
+        Ok(r) if r.plan_digest == plan.digest => info!("campaign {cid} exists; continuing it"),
+        Ok(_) => bail!("campaign {cid} exists in {} with a different plan", plan.campaign.output),
+        Err(ledger::LedgerError::UnknownCampaign { .. }) => ledger::write_record(st.as_ref(), &record(&plan)).await?,
+        Err(e) => return Err(e.into()),
+    }
+    let rec = ledger::read_record(st.as_ref(), &cid).await?;
+    let todo = ledger::uncommitted_shards(st.as_ref(), &rec).await?;
+    let q = InProcQueue::new(3);
+    publish_shards(&q, &plan, &todo).await?;
+    q.close_when_drained();
+    let n = workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2))
+        .max(1);
+    eprintln!("{cid}: generating {} samples in {} shards with {n} worker(s)", plan.total_samples, todo.len());
+    let worker = Arc::new(Worker::new(WorkerConfig {
+        worker_id: format!("embedded-{}", std::process::id()),
+        s3: s3.clone(),
+        delivery_limit: 3,
+        ..WorkerConfig::default()
+    }));
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    let mut tasks = vec![];
+    for _ in 0..n {
+        let (w, q, rx) = (worker.clone(), q.clone(), rx.clone());
+        tasks.push(tokio::spawn(async move { consume_loop(&w, &q, 1, rx, None).await }));
+    }
+    let pb = bar(plan.total_samples, "samples");
+    let done_before = plan.total_samples - todo.iter().map(|&s| rec.shard_len(s)).sum::<u64>();
+    let all = futures_util::future::join_all(tasks);
+    tokio::pin!(all);
+    let results = loop {
+        tokio::select! {
+            r = &mut all => break r,
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                pb.set_position(done_before + worker.counters.samples_committed.load(Ordering::Relaxed));
+            }
+        }
+    };
+    pb.finish_and_clear();
+    for r in results {
+        r.context("worker task panicked")??;
+    }
+    let idx = ledger::finalize(st.as_ref(), &cid, FinalizeOptions::default(), &|_, _| {}).await?;
+    let s = ledger::status(st.as_ref(), &cid).await?;
+    eprintln!(
+        "{cid}: {} samples in {:.1} s; manifest: {} rows in {}",
+        idx.rows,
+        t0.elapsed().as_secs_f64(),
+        idx.rows,
+        st.uri(&layout::manifest_prefix(&cid))
+    );
+    for f in &s.failures {
+        eprintln!("  failed shard {}: {}", f.shard_id, f.cause);
+    }
+    for p in &idx.parts {
+        println!("{p}");
+    }
+    Ok(if s.failed == 0 && idx.missing_shards.is_empty() { 0 } else { 1 })
+}

@@ -1,0 +1,865 @@
+//! The campaign file (TOML): what to generate, from which dataset, with which generator and mask
+//! source per defect type, and where results go. `Campaign::parse` validates the whole file and
+//! reports every problem at once, each with its key path; docs/campaign.md is the user's guide.
+
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+/// Generators a campaign may name. The worker's registry implements exactly these (a test in the
+/// workers crate checks it).
+pub const KNOWN_GENERATORS: &[&str] = &["perlin", "cutpaste", "noop", "attempt-noise"];
+
+/// Default number of samples per shard: a shard is one queue message and one unit of retry. At
+/// diffusion speeds (seconds per sample on a GPU) 32 samples are a few minutes of work.
+pub const DEFAULT_SHARD_SIZE: u32 = 32;
+/// Default per-shard wall-clock limit. It must stay below RabbitMQ's consumer_timeout (30 min by
+/// default) so that the worker, not the broker, decides what a stuck shard means.
+pub const DEFAULT_SHARD_TIME_LIMIT_S: u64 = 20 * 60;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CampaignError {
+    #[error("cannot read campaign file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("campaign {path} is not valid TOML: {message}")]
+    Syntax { path: String, message: String },
+    #[error("campaign {path} has {} problem(s):\n{}", problems.len(), problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid { path: String, problems: Vec<String> },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Layout {
+    /// category/train/good, category/test/<defect>, category/ground_truth/<defect>/*_mask.png
+    Mvtec,
+    /// a folder of normal images per category (`normal_dir`) and, per defect, a folder of masks
+    Folder,
+}
+
+/// Which real defect images form the few-shot training split (reference/datasets.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FewShotSplit {
+    /// indices 0..⌊n/3⌋−1 (at least one): disjoint from the test split. The default.
+    Disjoint,
+    /// the official AnomalyDiffusion split, indices 0..=⌊n/3⌋: shares one image with the test split.
+    Official,
+}
+
+impl FewShotSplit {
+    /// The number of few-shot images taken (from the start of the sorted list) out of `n`.
+    pub fn take(self, n: usize) -> usize {
+        match self {
+            FewShotSplit::Disjoint => (n / 3).max(1).min(n),
+            FewShotSplit::Official => (n / 3 + 1).min(n),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MaskSource {
+    /// real ground-truth masks of the few-shot split
+    Real,
+    /// DRAEM-style Perlin noise blobs
+    Perlin,
+    /// CutPaste rectangles
+    Cutpaste,
+    /// CutPaste-scar thin rotated rectangles
+    Scar,
+    /// binary masks from a folder (`mask_dir`)
+    Folder,
+}
+
+impl MaskSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MaskSource::Real => "real",
+            MaskSource::Perlin => "perlin",
+            MaskSource::Cutpaste => "cutpaste",
+            MaskSource::Scar => "scar",
+            MaskSource::Folder => "folder",
+        }
+    }
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "real" => MaskSource::Real,
+            "perlin" => MaskSource::Perlin,
+            "cutpaste" => MaskSource::Cutpaste,
+            "scar" => MaskSource::Scar,
+            "folder" => MaskSource::Folder,
+            _ => return None,
+        })
+    }
+}
+
+/// Perlin mask and DRAEM blend parameters (reference/model_free_synthesis.md §5.1).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PerlinSettings {
+    /// anomaly opacity 1−β range; DRAEM: β ~ U(0, 0.8) → opacity in (0.2, 1]
+    pub opacity: [f32; 2],
+    /// mask threshold on the noise (DRAEM: 0.5)
+    pub threshold: f32,
+    /// lattice resolution exponents: 2^k cells per axis, k in [min, max] (DRAEM: 0..=5)
+    pub scale_exp: [u32; 2],
+    /// folder (local or s3://) of texture images used as anomaly source; none = self-augmentation
+    pub texture_dir: Option<String>,
+}
+
+impl Default for PerlinSettings {
+    fn default() -> Self {
+        Self {
+            opacity: [0.2, 1.0],
+            threshold: 0.5,
+            scale_exp: [0, 5],
+            texture_dir: None,
+        }
+    }
+}
+
+/// CutPaste / scar parameters (reference/model_free_synthesis.md §5.2).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CutPasteSettings {
+    /// patch area as a fraction of the image area
+    pub area: [f32; 2],
+    /// aspect ratio range; drawn from [min, 1) or [1, max] with probability ½ each
+    pub aspect: [f32; 2],
+    /// ColorJitter strength for brightness, contrast, saturation and hue
+    pub jitter: f32,
+    /// scar width in pixels (at 256 px; scaled with the image's shorter side)
+    pub scar_width: [u32; 2],
+    /// scar length in pixels (at 256 px; scaled with the image's shorter side)
+    pub scar_length: [u32; 2],
+}
+
+impl Default for CutPasteSettings {
+    fn default() -> Self {
+        Self {
+            area: [0.02, 0.15],
+            aspect: [0.3, 3.3],
+            jitter: 0.1,
+            scar_width: [2, 16],
+            scar_length: [10, 25],
+        }
+    }
+}
+
+/// Everything a generator and a mask source need for one defect type; copied into every sample
+/// message so that workers hold no campaign state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct GeneratorSettings {
+    pub perlin: PerlinSettings,
+    pub cutpaste: CutPasteSettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DefectSpec {
+    pub count: u64,
+    pub generator: String,
+    pub mask: MaskSource,
+    /// folder of masks when `mask = "folder"` (absolute after resolution)
+    pub mask_dir: Option<String>,
+    pub few_shot_split: FewShotSplit,
+    pub settings: GeneratorSettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CategorySpec {
+    /// folder of normal images (folder layout; for MVTec it is <root>/<category>/train/good)
+    pub normal_dir: Option<String>,
+    pub defects: BTreeMap<String, DefectSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatasetSpec {
+    /// local directory (absolute after resolution) or s3://bucket/prefix
+    pub source: String,
+    pub layout: Layout,
+    /// materialise the built-in procedural demo dataset at `source` when it does not exist
+    pub demo: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Campaign {
+    pub name: String,
+    pub seed: u64,
+    pub shard_size: u32,
+    pub shard_time_limit_s: u64,
+    pub dataset: DatasetSpec,
+    /// local directory (absolute after resolution) or s3://bucket/prefix
+    pub output: String,
+    pub categories: BTreeMap<String, CategorySpec>,
+}
+
+/// True when a category or defect-type name is safe: 1..=64 of [A-Za-z0-9_.-], not starting with
+/// a dot. Names become dataset path segments, so nothing else is allowed.
+pub fn is_safe_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+}
+
+struct Walker {
+    problems: Vec<String>,
+}
+
+impl Walker {
+    fn unknown(&mut self, t: &toml::Table, path: &str, known: &[&str]) {
+        for k in t.keys() {
+            if !known.contains(&k.as_str()) {
+                self.problems.push(format!(
+                    "{}: unknown key (expected one of: {})",
+                    join(path, k),
+                    known.join(", ")
+                ));
+            }
+        }
+    }
+    fn str_opt(&mut self, t: &toml::Table, path: &str, key: &str) -> Option<String> {
+        match t.get(key) {
+            None => None,
+            Some(toml::Value::String(s)) => Some(s.clone()),
+            Some(v) => {
+                self.problems.push(format!(
+                    "{}: expected a string, got {}",
+                    join(path, key),
+                    v.type_str()
+                ));
+                None
+            }
+        }
+    }
+    fn int_opt(&mut self, t: &toml::Table, path: &str, key: &str, min: i64) -> Option<i64> {
+        match t.get(key) {
+            None => None,
+            Some(toml::Value::Integer(i)) if *i >= min => Some(*i),
+            Some(toml::Value::Integer(i)) => {
+                self.problems.push(format!(
+                    "{} must be >= {min} (got {i})",
+                    join(path, key)
+                ));
+                None
+            }
+            Some(v) => {
+                self.problems.push(format!(
+                    "{}: expected an integer, got {}",
+                    join(path, key),
+                    v.type_str()
+                ));
+                None
+            }
+        }
+    }
+    fn bool_opt(&mut self, t: &toml::Table, path: &str, key: &str) -> Option<bool> {
+        match t.get(key) {
+            None => None,
+            Some(toml::Value::Boolean(b)) => Some(*b),
+            Some(v) => {
+                self.problems.push(format!(
+                    "{}: expected true or false, got {}",
+                    join(path, key),
+                    v.type_str()
+                ));
+                None
+            }
+        }
+    }
+    fn float(v: &toml::Value) -> Option<f64> {
+        match v {
+            toml::Value::Float(f) => Some(*f),
+            toml::Value::Integer(i) => Some(*i as f64),
+            _ => None,
+        }
+    }
+    fn f32_opt(&mut self, t: &toml::Table, path: &str, key: &str, lo: f64, hi: f64) -> Option<f32> {
+        let v = t.get(key)?;
+        match Self::float(v) {
+            Some(f) if (lo..=hi).contains(&f) => Some(f as f32),
+            Some(f) => {
+                self.problems.push(format!(
+                    "{} must be in [{lo}, {hi}] (got {f})",
+                    join(path, key)
+                ));
+                None
+            }
+            None => {
+                self.problems.push(format!(
+                    "{}: expected a number, got {}",
+                    join(path, key),
+                    v.type_str()
+                ));
+                None
+            }
+        }
+    }
+    fn range_f32(
+        &mut self,
+        t: &toml::Table,
+        path: &str,
+        key: &str,
+        lo: f64,
+        hi: f64,
+    ) -> Option<[f32; 2]> {
+        let v = t.get(key)?;
+        let p = join(path, key);
+        let arr = match v.as_array() {
+            Some(a) if a.len() == 2 => a,
+            _ => {
+                self.problems
+                    .push(format!("{p}: expected [min, max], got {v}"));
+                return None;
+            }
+        };
+        match (Self::float(&arr[0]), Self::float(&arr[1])) {
+            (Some(a), Some(b)) if a <= b && a >= lo && b <= hi => Some([a as f32, b as f32]),
+            _ => {
+                self.problems.push(format!(
+                    "{p}: expected [min, max] with {lo} <= min <= max <= {hi}, got {v}"
+                ));
+                None
+            }
+        }
+    }
+    fn range_u32(&mut self, t: &toml::Table, path: &str, key: &str, lo: i64, hi: i64) -> Option<[u32; 2]> {
+        let v = t.get(key)?;
+        let p = join(path, key);
+        match v.as_array().map(|a| a.as_slice()) {
+            Some([toml::Value::Integer(a), toml::Value::Integer(b)])
+                if a <= b && *a >= lo && *b <= hi =>
+            {
+                Some([*a as u32, *b as u32])
+            }
+            _ => {
+                self.problems.push(format!(
+                    "{p}: expected [min, max] integers with {lo} <= min <= max <= {hi}, got {v}"
+                ));
+                None
+            }
+        }
+    }
+    fn table<'t>(&mut self, t: &'t toml::Table, path: &str, key: &str) -> Option<&'t toml::Table> {
+        match t.get(key) {
+            None => None,
+            Some(toml::Value::Table(tt)) => Some(tt),
+            Some(v) => {
+                self.problems.push(format!(
+                    "{}: expected a table, got {}",
+                    join(path, key),
+                    v.type_str()
+                ));
+                None
+            }
+        }
+    }
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+/// Resolves a location written in a campaign: `s3://…` stays as is, a relative local path is
+/// taken relative to the campaign file's folder.
+pub fn resolve_location(base: &Path, loc: &str) -> String {
+    if loc.starts_with("s3://") {
+        return loc.to_string();
+    }
+    let p = PathBuf::from(loc);
+    let p = if p.is_absolute() { p } else { base.join(p) };
+    normalize(&p).to_string_lossy().into_owned()
+}
+
+fn normalize(p: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                if !out.pop() {
+                    out.push("..")
+                }
+            }
+            std::path::Component::CurDir => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn check_location(w: &mut Walker, path: &str, loc: &str) {
+    if let Some(rest) = loc.strip_prefix("s3://") {
+        let bucket = rest.split('/').next().unwrap_or("");
+        if bucket.is_empty() {
+            w.problems
+                .push(format!("{path}: {loc:?} names no bucket (write s3://bucket/prefix)"));
+        }
+    } else if loc.contains("://") {
+        w.problems.push(format!(
+            "{path}: {loc:?} is neither a local path nor an s3://bucket/prefix URI"
+        ));
+    } else if loc.is_empty() {
+        w.problems.push(format!("{path} must not be empty"));
+    }
+}
+
+impl Campaign {
+    /// Reads and validates a campaign file. Relative paths inside resolve against its folder.
+    pub fn load(path: &Path) -> Result<Campaign, CampaignError> {
+        let text = std::fs::read_to_string(path).map_err(|source| CampaignError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let base = path
+            .parent()
+            .map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p })
+            .unwrap_or(Path::new("."));
+        let base = std::fs::canonicalize(base).unwrap_or_else(|_| base.to_path_buf());
+        Campaign::parse(&text, &base, &path.display().to_string())
+    }
+
+    /// Parses and validates campaign TOML; `base` resolves relative paths, `origin` names the
+    /// file in errors.
+    pub fn parse(text: &str, base: &Path, origin: &str) -> Result<Campaign, CampaignError> {
+        let root: toml::Table = toml::from_str(text).map_err(|e| CampaignError::Syntax {
+            path: origin.to_string(),
+            message: e.to_string(),
+        })?;
+        let mut w = Walker { problems: vec![] };
+        w.unknown(
+            &root,
+            "",
+            &[
+                "name",
+                "seed",
+                "shard_size",
+                "shard_time_limit_s",
+                "dataset",
+                "output",
+                "categories",
+            ],
+        );
+        let name = w.str_opt(&root, "", "name");
+        if name.is_none() && !root.contains_key("name") {
+            w.problems.push("name: missing (a human-readable campaign name)".into());
+        }
+        let seed = w.int_opt(&root, "", "seed", 0);
+        if !root.contains_key("seed") {
+            w.problems.push("seed: missing (any non-negative integer)".into());
+        }
+        let shard_size = w.int_opt(&root, "", "shard_size", 1);
+        if let Some(s) = shard_size {
+            if s > 4096 {
+                w.problems
+                    .push(format!("shard_size must be <= 4096 (got {s})"));
+            }
+        }
+        let shard_time_limit_s = w.int_opt(&root, "", "shard_time_limit_s", 10);
+
+        // [dataset]
+        let mut dataset = None;
+        match w.table(&root, "", "dataset") {
+            None if !root.contains_key("dataset") => w
+                .problems
+                .push("dataset: missing table [dataset] with source = \"<dir or s3://…>\"".into()),
+            None => {}
+            Some(d) => {
+                w.unknown(d, "dataset", &["source", "layout", "demo"]);
+                let source = w.str_opt(d, "dataset", "source");
+                if source.is_none() && !d.contains_key("source") {
+                    w.problems.push(
+                        "dataset.source: missing (a local directory or s3://bucket/prefix)".into(),
+                    );
+                }
+                let layout = match w.str_opt(d, "dataset", "layout").as_deref() {
+                    None | Some("mvtec") => Some(Layout::Mvtec),
+                    Some("folder") => Some(Layout::Folder),
+                    Some(other) => {
+                        w.problems.push(format!(
+                            "dataset.layout: unknown layout {other:?} (expected \"mvtec\" or \"folder\")"
+                        ));
+                        None
+                    }
+                };
+                let demo = w.bool_opt(d, "dataset", "demo").unwrap_or(false);
+                if let Some(s) = &source {
+                    check_location(&mut w, "dataset.source", s);
+                    if demo && s.starts_with("s3://") {
+                        w.problems.push(
+                            "dataset.demo: the demo dataset can only be materialised in a local directory".into(),
+                        );
+                    }
+                }
+                if let (Some(source), Some(layout)) = (source, layout) {
+                    dataset = Some(DatasetSpec {
+                        source: resolve_location(base, &source),
+                        layout,
+                        demo,
+                    });
+                }
+            }
+        }
+
+        // output
+        let output = match root.get("output") {
+            None => {
+                w.problems.push(
+                    "output: missing (a local directory or s3://bucket/prefix for results)".into(),
+                );
+                None
+            }
+            Some(toml::Value::String(s)) => {
+                check_location(&mut w, "output", s);
+                Some(resolve_location(base, s))
+            }
+            Some(v) => {
+                w.problems.push(format!(
+                    "output: expected a string, got {}",
+                    v.type_str()
+                ));
+                None
+            }
+        };
+
+        // [categories.<name>.defects.<type>]
+        let mut categories = BTreeMap::new();
+        let layout = dataset.as_ref().map(|d: &DatasetSpec| d.layout);
+        match w.table(&root, "", "categories") {
+            None if !root.contains_key("categories") => w.problems.push(
+                "categories: missing (at least one [categories.<name>.defects.<type>] table)"
+                    .into(),
+            ),
+            None => {}
+            Some(cats) => {
+                if cats.is_empty() {
+                    w.problems.push("categories: at least one category is needed".into());
+                }
+                for (cname, cv) in cats {
+                    let cpath = format!("categories.{}", quote_key(cname));
+                    if !is_safe_name(cname) {
+                        w.problems.push(format!(
+                            "{cpath}: category name {cname:?} is not allowed (use 1-64 of A-Z a-z 0-9 _ - ., not starting with a dot)"
+                        ));
+                    }
+                    let Some(ct) = cv.as_table() else {
+                        w.problems.push(format!("{cpath}: expected a table"));
+                        continue;
+                    };
+                    w.unknown(ct, &cpath, &["normal_dir", "defects"]);
+                    let normal_dir = w
+                        .str_opt(ct, &cpath, "normal_dir")
+                        .map(|s| resolve_location(base, &s));
+                    if layout == Some(Layout::Folder) && normal_dir.is_none() {
+                        w.problems.push(format!(
+                            "{cpath}.normal_dir: missing (the folder layout needs a folder of normal images per category)"
+                        ));
+                    }
+                    let mut defects = BTreeMap::new();
+                    match w.table(ct, &cpath, "defects") {
+                        None => w.problems.push(format!(
+                            "{cpath}.defects: missing (at least one [{cpath}.defects.<type>] with a count)"
+                        )),
+                        Some(dt) => {
+                            if dt.is_empty() {
+                                w.problems.push(format!("{cpath}.defects: at least one defect type is needed"));
+                            }
+                            for (dname, dv) in dt {
+                                let dpath = format!("{cpath}.defects.{}", quote_key(dname));
+                                if !is_safe_name(dname) {
+                                    w.problems.push(format!(
+                                        "{dpath}: defect type name {dname:?} is not allowed (use 1-64 of A-Z a-z 0-9 _ - ., not starting with a dot)"
+                                    ));
+                                }
+                                let Some(d) = dv.as_table() else {
+                                    w.problems.push(format!("{dpath}: expected a table"));
+                                    continue;
+                                };
+                                if let Some(spec) = parse_defect(&mut w, d, &dpath, base, layout) {
+                                    defects.insert(dname.clone(), spec);
+                                }
+                            }
+                        }
+                    }
+                    categories.insert(
+                        cname.clone(),
+                        CategorySpec {
+                            normal_dir,
+                            defects,
+                        },
+                    );
+                }
+            }
+        }
+
+        if !w.problems.is_empty() {
+            return Err(CampaignError::Invalid {
+                path: origin.to_string(),
+                problems: w.problems,
+            });
+        }
+        Ok(Campaign {
+            name: name.expect("checked"),
+            seed: seed.expect("checked") as u64,
+            shard_size: shard_size.map(|s| s as u32).unwrap_or(DEFAULT_SHARD_SIZE),
+            shard_time_limit_s: shard_time_limit_s
+                .map(|s| s as u64)
+                .unwrap_or(DEFAULT_SHARD_TIME_LIMIT_S),
+            dataset: dataset.expect("checked"),
+            output: output.expect("checked"),
+            categories,
+        })
+    }
+
+    /// Total number of samples the campaign asks for.
+    pub fn total_samples(&self) -> u64 {
+        self.categories
+            .values()
+            .flat_map(|c| c.defects.values())
+            .map(|d| d.count)
+            .sum()
+    }
+
+    /// The names of all generators the campaign uses.
+    pub fn generators(&self) -> BTreeSet<String> {
+        self.categories
+            .values()
+            .flat_map(|c| c.defects.values())
+            .map(|d| d.generator.clone())
+            .collect()
+    }
+}
+
+fn quote_key(k: &str) -> String {
+    if !k.is_empty()
+        && k
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        k.to_string()
+    } else {
+        format!("{k:?}")
+    }
+}
+
+fn parse_defect(
+    w: &mut Walker,
+    d: &toml::Table,
+    dpath: &str,
+    base: &Path,
+    layout: Option<Layout>,
+) -> Option<DefectSpec> {
+    w.unknown(
+        d,
+        dpath,
+        &[
+            "count",
+            "generator",
+            "mask",
+            "mask_dir",
+            "few_shot_split",
+            "perlin",
+            "cutpaste",
+        ],
+    );
+    let count = w.int_opt(d, dpath, "count", 1);
+    if !d.contains_key("count") {
+        w.problems
+            .push(format!("{dpath}.count: missing (how many samples of this type to generate)"));
+    }
+    let generator = w.str_opt(d, dpath, "generator").unwrap_or_else(|| "perlin".into());
+    if !KNOWN_GENERATORS.contains(&generator.as_str()) {
+        w.problems.push(format!(
+            "{dpath}.generator: unknown generator {generator:?} (expected one of: {})",
+            KNOWN_GENERATORS.join(", ")
+        ));
+    }
+    let default_mask = if layout == Some(Layout::Folder) {
+        "perlin"
+    } else {
+        "real"
+    };
+    let mask_s = w
+        .str_opt(d, dpath, "mask")
+        .unwrap_or_else(|| default_mask.into());
+    let mask = MaskSource::parse(&mask_s);
+    if mask.is_none() {
+        w.problems.push(format!(
+            "{dpath}.mask: unknown mask source {mask_s:?} (expected real, perlin, cutpaste, scar or folder)"
+        ));
+    }
+    let mask_dir = w.str_opt(d, dpath, "mask_dir");
+    if let Some(md) = &mask_dir {
+        check_location(w, &format!("{dpath}.mask_dir"), md);
+    }
+    match mask {
+        Some(MaskSource::Folder) if mask_dir.is_none() => w.problems.push(format!(
+            "{dpath}.mask_dir: missing (mask = \"folder\" needs a folder of binary masks)"
+        )),
+        Some(MaskSource::Real) if layout == Some(Layout::Folder) => w.problems.push(format!(
+            "{dpath}.mask: \"real\" needs the mvtec layout; with the folder layout use mask = \"folder\" and mask_dir"
+        )),
+        _ => {}
+    }
+    let split = match w.str_opt(d, dpath, "few_shot_split").as_deref() {
+        None | Some("disjoint") => FewShotSplit::Disjoint,
+        Some("official") => FewShotSplit::Official,
+        Some(o) => {
+            w.problems.push(format!(
+                "{dpath}.few_shot_split: unknown split {o:?} (expected \"disjoint\" or \"official\")"
+            ));
+            FewShotSplit::Disjoint
+        }
+    };
+    let mut settings = GeneratorSettings::default();
+    if let Some(p) = w.table(d, dpath, "perlin") {
+        let pp = format!("{dpath}.perlin");
+        w.unknown(p, &pp, &["opacity", "threshold", "scale_exp", "texture_dir"]);
+        if let Some(o) = w.range_f32(p, &pp, "opacity", 0.0, 1.0) {
+            if o[1] <= 0.0 {
+                w.problems
+                    .push(format!("{pp}.opacity: max must be > 0 so the anomaly is visible"));
+            }
+            settings.perlin.opacity = o;
+        }
+        if let Some(t) = w.f32_opt(p, &pp, "threshold", -0.9, 0.9) {
+            settings.perlin.threshold = t;
+        }
+        if let Some(s) = w.range_u32(p, &pp, "scale_exp", 0, 6) {
+            settings.perlin.scale_exp = s;
+        }
+        if let Some(t) = w.str_opt(p, &pp, "texture_dir") {
+            check_location(w, &format!("{pp}.texture_dir"), &t);
+            settings.perlin.texture_dir = Some(resolve_location(base, &t));
+        }
+    }
+    if let Some(c) = w.table(d, dpath, "cutpaste") {
+        let cp = format!("{dpath}.cutpaste");
+        w.unknown(c, &cp, &["area", "aspect", "jitter", "scar_width", "scar_length"]);
+        if let Some(a) = w.range_f32(c, &cp, "area", 0.0005, 0.9) {
+            settings.cutpaste.area = a;
+        }
+        if let Some(a) = w.range_f32(c, &cp, "aspect", 0.05, 20.0) {
+            settings.cutpaste.aspect = a;
+        }
+        if let Some(j) = w.f32_opt(c, &cp, "jitter", 0.0, 0.5) {
+            settings.cutpaste.jitter = j;
+        }
+        if let Some(s) = w.range_u32(c, &cp, "scar_width", 1, 256) {
+            settings.cutpaste.scar_width = s;
+        }
+        if let Some(s) = w.range_u32(c, &cp, "scar_length", 2, 1024) {
+            settings.cutpaste.scar_length = s;
+        }
+    }
+    Some(DefectSpec {
+        count: count? as u64,
+        generator,
+        mask: mask?,
+        mask_dir: mask_dir.map(|m| resolve_location(base, &m)),
+        few_shot_split: split,
+        settings,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+name = "Demo run"
+seed = 7
+shard_size = 4
+[dataset]
+source = "data"
+[output]
+"#;
+
+    #[test]
+    fn reports_every_problem_with_its_key_path() {
+        let text = r#"
+name = "x"
+seed = -1
+shard_size = 0
+colour = "blue"
+output = "ftp://nowhere"
+[dataset]
+source = "d"
+layout = "visa2"
+[categories."../etc".defects.scratch]
+count = 0
+generator = "dalle"
+mask = "circles"
+[categories.bottle.defects.crack]
+mask = "folder"
+"#;
+        let err = Campaign::parse(text, Path::new("/tmp"), "c.toml").unwrap_err();
+        let CampaignError::Invalid { problems, .. } = &err else {
+            panic!("{err}")
+        };
+        let all = problems.join("\n");
+        for needle in [
+            "seed must be >= 0",
+            "shard_size must be >= 1",
+            "colour: unknown key",
+            "output: \"ftp://nowhere\"",
+            "dataset.layout: unknown layout \"visa2\"",
+            "categories.\"../etc\": category name",
+            "categories.\"../etc\".defects.scratch.count must be >= 1",
+            "defects.scratch.generator: unknown generator \"dalle\"",
+            "defects.scratch.mask: unknown mask source \"circles\"",
+            "categories.bottle.defects.crack.count: missing",
+            "categories.bottle.defects.crack.mask_dir: missing",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+        assert!(err.to_string().contains("c.toml"));
+    }
+
+    #[test]
+    fn parses_a_valid_campaign_with_defaults() {
+        let text = r#"
+name = "Demo run"
+seed = 7
+output = "out"
+[dataset]
+source = "data"
+[categories.carpet.defects.color]
+count = 10
+[categories.carpet.defects.cut]
+count = 5
+generator = "cutpaste"
+mask = "scar"
+[categories.carpet.defects.cut.cutpaste]
+scar_width = [2, 8]
+"#;
+        let c = Campaign::parse(text, Path::new("/base"), "c.toml").unwrap();
+        assert_eq!(c.total_samples(), 15);
+        assert_eq!(c.shard_size, DEFAULT_SHARD_SIZE);
+        assert_eq!(c.dataset.source, "/base/data");
+        assert_eq!(c.output, "/base/out");
+        let color = &c.categories["carpet"].defects["color"];
+        assert_eq!(color.generator, "perlin");
+        assert_eq!(color.mask, MaskSource::Real);
+        assert_eq!(color.few_shot_split, FewShotSplit::Disjoint);
+        let cut = &c.categories["carpet"].defects["cut"];
+        assert_eq!(cut.settings.cutpaste.scar_width, [2, 8]);
+        assert_eq!(cut.settings.cutpaste.scar_length, [10, 25]);
+        let _ = GOOD;
+    }
+
+    #[test]
+    fn few_shot_splits_follow_the_reference() {
+        // n = 10: official trains on 0..=3 (4 images), disjoint on 0..=2 (3 images)
+        assert_eq!(FewShotSplit::Official.take(10), 4);
+        assert_eq!(FewShotSplit::Disjoint.take(10), 3);
+        assert_eq!(FewShotSplit::Disjoint.take(2), 1);
+        assert_eq!(FewShotSplit::Official.take(1), 1);
+    }
+}

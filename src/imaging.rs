@@ -1,0 +1,172 @@
+//! Imaging shared by generators and checks: decoding inputs with errors that name them, binary
+//! masks, PNG encoding, mask statistics and the quality figures recorded in manifest rows.
+
+use image::{GrayImage, ImageEncoder, RgbImage};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("{what} {uri} cannot be decoded ({reason}); replace or remove the file")]
+    Decode {
+        what: &'static str,
+        uri: String,
+        reason: String,
+    },
+    #[error("mask {mask_uri} is {mw}x{mh} but the normal image {image_uri} is {iw}x{ih}; masks must have the image's size")]
+    SizeMismatch {
+        mask_uri: String,
+        image_uri: String,
+        mw: u32,
+        mh: u32,
+        iw: u32,
+        ih: u32,
+    },
+    #[error("mask {uri} is empty (no pixel above 127); a defect mask needs at least one defect pixel")]
+    EmptyMask { uri: String },
+    #[error("encoding PNG failed: {0}")]
+    Encode(String),
+}
+
+/// Decodes any supported image into 8-bit RGB (grey images are replicated to three channels;
+/// 16-bit images are reduced to 8 bits).
+pub fn decode_rgb(bytes: &[u8], what: &'static str, uri: &str) -> Result<RgbImage, ImageError> {
+    image::load_from_memory(bytes)
+        .map(|i| i.to_rgb8())
+        .map_err(|e| ImageError::Decode {
+            what,
+            uri: uri.to_string(),
+            reason: e.to_string(),
+        })
+}
+
+/// Decodes a mask and binarises it: pixels > 127 (of the luma) become 255, others 0.
+pub fn decode_mask(bytes: &[u8], uri: &str) -> Result<GrayImage, ImageError> {
+    let g = image::load_from_memory(bytes)
+        .map_err(|e| ImageError::Decode {
+            what: "mask",
+            uri: uri.to_string(),
+            reason: e.to_string(),
+        })?
+        .to_luma8();
+    Ok(binarize(&g))
+}
+
+pub fn binarize(g: &GrayImage) -> GrayImage {
+    let mut out = g.clone();
+    for p in out.pixels_mut() {
+        p.0[0] = if p.0[0] > 127 { 255 } else { 0 };
+    }
+    out
+}
+
+/// PNG-encodes RGB with fast settings (the pipeline's hot path).
+pub fn encode_png_rgb(img: &RgbImage) -> Result<Vec<u8>, ImageError> {
+    let mut out = Vec::with_capacity(img.as_raw().len() / 2);
+    image::codecs::png::PngEncoder::new_with_quality(
+        &mut out,
+        image::codecs::png::CompressionType::Fast,
+        image::codecs::png::FilterType::Sub,
+    )
+    .write_image(img.as_raw(), img.width(), img.height(), image::ExtendedColorType::Rgb8)
+    .map_err(|e| ImageError::Encode(e.to_string()))?;
+    Ok(out)
+}
+
+pub fn encode_png_gray(img: &GrayImage) -> Result<Vec<u8>, ImageError> {
+    let mut out = Vec::new();
+    image::codecs::png::PngEncoder::new_with_quality(
+        &mut out,
+        image::codecs::png::CompressionType::Fast,
+        image::codecs::png::FilterType::Sub,
+    )
+    .write_image(img.as_raw(), img.width(), img.height(), image::ExtendedColorType::L8)
+    .map_err(|e| ImageError::Encode(e.to_string()))?;
+    Ok(out)
+}
+
+/// Area and bounding box (x, y, w, h) of the non-zero pixels of a mask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MaskStats {
+    pub area: u64,
+    pub bbox: (u32, u32, u32, u32),
+}
+
+pub fn mask_stats(m: &GrayImage) -> MaskStats {
+    let (mut x0, mut y0, mut x1, mut y1) = (u32::MAX, u32::MAX, 0, 0);
+    let mut area = 0;
+    for (x, y, p) in m.enumerate_pixels() {
+        if p.0[0] > 0 {
+            area += 1;
+            x0 = x0.min(x);
+            y0 = y0.min(y);
+            x1 = x1.max(x);
+            y1 = y1.max(y);
+        }
+    }
+    if area == 0 {
+        return MaskStats::default();
+    }
+    MaskStats {
+        area,
+        bbox: (x0, y0, x1 - x0 + 1, y1 - y0 + 1),
+    }
+}
+
+/// Mean absolute change per channel value (0..255) inside and outside the mask.
+pub fn change_inside_outside(normal: &RgbImage, out: &RgbImage, mask: &GrayImage) -> (f32, f32) {
+    let (mut si, mut ni, mut so, mut no) = (0u64, 0u64, 0u64, 0u64);
+    for ((a, b), m) in normal.pixels().zip(out.pixels()).zip(mask.pixels()) {
+        let d: u64 = (0..3).map(|c| a.0[c].abs_diff(b.0[c]) as u64).sum();
+        if m.0[0] > 0 {
+            si += d;
+            ni += 3;
+        } else {
+            so += d;
+            no += 3;
+        }
+    }
+    let f = |s: u64, n: u64| if n == 0 { 0.0 } else { s as f32 / n as f32 };
+    (f(si, ni), f(so, no))
+}
+
+/// Number of pixels outside the mask that differ from the normal image (must be 0).
+pub fn changed_outside(normal: &RgbImage, out: &RgbImage, mask: &GrayImage) -> u64 {
+    normal
+        .pixels()
+        .zip(out.pixels())
+        .zip(mask.pixels())
+        .filter(|((a, b), m)| m.0[0] == 0 && a != b)
+        .count() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_and_quality() {
+        let mut m = GrayImage::new(8, 6);
+        m.put_pixel(2, 1, image::Luma([255]));
+        m.put_pixel(5, 3, image::Luma([255]));
+        assert_eq!(mask_stats(&m), MaskStats { area: 2, bbox: (2, 1, 4, 3) });
+        let n = RgbImage::from_pixel(8, 6, image::Rgb([10, 10, 10]));
+        let mut o = n.clone();
+        o.put_pixel(2, 1, image::Rgb([40, 10, 10]));
+        let (i, out) = change_inside_outside(&n, &o, &m);
+        assert!((i - 5.0).abs() < 1e-6 && out == 0.0, "{i} {out}");
+        assert_eq!(changed_outside(&n, &o, &m), 0);
+        o.put_pixel(0, 0, image::Rgb([0, 0, 0]));
+        assert_eq!(changed_outside(&n, &o, &m), 1);
+    }
+
+    #[test]
+    fn png_round_trip_and_decode_errors() {
+        let n = RgbImage::from_fn(5, 4, |x, y| image::Rgb([x as u8 * 9, y as u8 * 7, 3]));
+        let b = encode_png_rgb(&n).unwrap();
+        assert_eq!(decode_rgb(&b, "normal image", "x.png").unwrap(), n);
+        let e = decode_rgb(b"garbage", "normal image", "bad.png").unwrap_err();
+        assert!(e.to_string().contains("normal image bad.png cannot be decoded"), "{e}");
+        let g = GrayImage::from_fn(4, 4, |x, _| image::Luma([if x > 1 { 200 } else { 100 }]));
+        let m = decode_mask(&encode_png_gray(&g).unwrap(), "m.png").unwrap();
+        assert_eq!(mask_stats(&m).area, 8);
+    }
+}

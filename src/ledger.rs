@@ -1,0 +1,557 @@
+//! The campaign ledger in the object store, which is the single source of truth: the campaign
+//! record, committed shard fragments, failure records and the cancel marker. Status, finalize
+//! (exactly one committed attempt per shard → manifest parts) and gc are computed from it.
+
+use crate::campaign::Campaign;
+use crate::ids;
+use crate::layout;
+use crate::manifest::{self, ManifestError};
+use crate::store::{ObjectMeta, ObjectStore, StoreError};
+use arrow::array::{Array, RecordBatch, StringArray};
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+/// Rows per finalized manifest part file (a few tens of MB with zstd).
+pub const ROWS_PER_PART: usize = 1_000_000;
+/// Concurrent fragment reads during finalize and gc.
+const READ_CONCURRENCY: usize = 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error("campaign {id} not found in {store}: check the campaign id and --output (`defectforge submit` prints the id)")]
+    UnknownCampaign { id: String, store: String },
+    #[error("campaign record {uri} is corrupt: {reason}")]
+    CorruptRecord { uri: String, reason: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CampaignRecord {
+    pub campaign_id: String,
+    pub plan_digest: String,
+    pub plan_version: u32,
+    pub total_samples: u64,
+    pub shard_count: u64,
+    pub shard_size: u32,
+    pub shard_time_limit_s: u64,
+    pub seed: u64,
+    pub created_at: DateTime<Utc>,
+    /// (category, defect type, count)
+    pub counts: Vec<(String, String, u64)>,
+    pub spec: Campaign,
+}
+
+impl CampaignRecord {
+    pub fn shard_len(&self, shard: u64) -> u64 {
+        let s = self.shard_size as u64;
+        ((shard + 1) * s).min(self.total_samples) - (shard * s).min(self.total_samples)
+    }
+    pub fn shard_sample_ids(&self, shard: u64) -> Vec<String> {
+        let s = self.shard_size as u64;
+        ((shard * s).min(self.total_samples)..((shard + 1) * s).min(self.total_samples))
+            .map(|i| ids::sample_id(self.seed, i))
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FailureRecord {
+    pub campaign_id: String,
+    pub shard_id: String,
+    /// the sample that failed, when the failure belongs to one sample
+    pub sample_id: Option<String>,
+    pub sample_index: Option<u64>,
+    /// the input that caused it, if any
+    pub input_uri: Option<String>,
+    pub cause: String,
+    /// "permanent" (bad input) or "exhausted" (transient failures past the delivery limit)
+    pub class: String,
+    pub worker_id: String,
+    pub deliveries: u64,
+    pub at: DateTime<Utc>,
+}
+
+pub async fn read_record(store: &dyn ObjectStore, cid: &str) -> Result<CampaignRecord, LedgerError> {
+    if !ids::is_safe_campaign_id(cid) {
+        return Err(LedgerError::UnknownCampaign {
+            id: cid.to_string(),
+            store: store.root_uri(),
+        });
+    }
+    let key = layout::campaign_record(cid);
+    let bytes = match store.get(&key).await {
+        Ok(b) => b,
+        Err(StoreError::NotFound { .. }) => {
+            return Err(LedgerError::UnknownCampaign {
+                id: cid.to_string(),
+                store: store.root_uri(),
+            })
+        }
+        Err(e) => return Err(e.into()),
+    };
+    serde_json::from_slice(&bytes).map_err(|e| LedgerError::CorruptRecord {
+        uri: store.uri(&key),
+        reason: e.to_string(),
+    })
+}
+
+pub async fn write_record(store: &dyn ObjectStore, rec: &CampaignRecord) -> Result<(), LedgerError> {
+    let body = serde_json::to_vec_pretty(rec).expect("record serializes");
+    store
+        .put(&layout::campaign_record(&rec.campaign_id), Bytes::from(body), "application/json")
+        .await?;
+    Ok(())
+}
+
+/// Lists committed fragments by shard: shard id → attempts (sorted, earliest first).
+pub async fn fragments(store: &dyn ObjectStore, cid: &str) -> Result<BTreeMap<String, Vec<ObjectMeta>>, LedgerError> {
+    let mut out: BTreeMap<String, Vec<ObjectMeta>> = BTreeMap::new();
+    for m in store.list(&layout::shards_prefix(cid)).await? {
+        if let Some((shard, _)) = layout::parse_fragment_key(cid, &m.key) {
+            out.entry(shard.to_string()).or_default().push(m);
+        }
+    }
+    for v in out.values_mut() {
+        v.sort_by(|a, b| a.key.cmp(&b.key));
+    }
+    Ok(out)
+}
+
+pub async fn failures(store: &dyn ObjectStore, cid: &str) -> Result<Vec<FailureRecord>, LedgerError> {
+    let mut out = vec![];
+    for m in store.list(&layout::failures_prefix(cid)).await? {
+        let b = store.get(&m.key).await?;
+        match serde_json::from_slice::<FailureRecord>(&b) {
+            Ok(f) => out.push(f),
+            Err(e) => tracing::warn!("ignoring unreadable failure record {}: {e}", store.uri(&m.key)),
+        }
+    }
+    Ok(out)
+}
+
+pub async fn is_cancelled(store: &dyn ObjectStore, cid: &str) -> Result<bool, StoreError> {
+    Ok(store.head(&layout::cancelled_marker(cid)).await?.is_some())
+}
+
+pub async fn cancel(store: &dyn ObjectStore, cid: &str, reason: &str) -> Result<(), LedgerError> {
+    read_record(store, cid).await?;
+    let body = serde_json::json!({"campaign_id": cid, "cancelled_at": Utc::now(), "reason": reason});
+    store
+        .put(&layout::cancelled_marker(cid), Bytes::from(body.to_string()), "application/json")
+        .await?;
+    Ok(())
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Status {
+    pub campaign_id: String,
+    pub plan_digest: String,
+    /// planned samples
+    pub planned: u64,
+    pub planned_shards: u64,
+    /// samples in shards with at least one committed attempt
+    pub committed: u64,
+    pub committed_shards: u64,
+    /// samples in shards that were dead-lettered (and not committed since)
+    pub failed: u64,
+    /// dead-lettered shards (failure records of uncommitted shards)
+    pub dead: u64,
+    /// samples neither committed nor failed
+    pub pending: u64,
+    pub cancelled: bool,
+    /// rows in the finalized manifest, if finalized
+    pub finalized_rows: Option<u64>,
+    pub failures: Vec<FailureRecord>,
+}
+
+pub async fn status(store: &dyn ObjectStore, cid: &str) -> Result<Status, LedgerError> {
+    let rec = read_record(store, cid).await?;
+    let frags = fragments(store, cid).await?;
+    let mut committed = 0;
+    let mut committed_shards = 0;
+    for shard in frags.keys() {
+        if let Ok(i) = shard.parse::<u64>() {
+            if i < rec.shard_count {
+                committed += rec.shard_len(i);
+                committed_shards += 1;
+            }
+        }
+    }
+    let fails: Vec<FailureRecord> = failures(store, cid)
+        .await?
+        .into_iter()
+        .filter(|f| !frags.contains_key(&f.shard_id))
+        .collect();
+    let failed: u64 = fails
+        .iter()
+        .filter_map(|f| f.shard_id.parse::<u64>().ok())
+        .map(|i| rec.shard_len(i))
+        .sum();
+    let finalized_rows = match store.get(&layout::manifest_index(cid)).await {
+        Ok(b) => serde_json::from_slice::<ManifestIndex>(&b).ok().map(|m| m.rows),
+        Err(StoreError::NotFound { .. }) => None,
+        Err(e) => return Err(e.into()),
+    };
+    Ok(Status {
+        campaign_id: cid.to_string(),
+        plan_digest: rec.plan_digest.clone(),
+        planned: rec.total_samples,
+        planned_shards: rec.shard_count,
+        committed,
+        committed_shards,
+        failed,
+        dead: fails.len() as u64,
+        pending: rec.total_samples.saturating_sub(committed + failed),
+        cancelled: is_cancelled(store, cid).await?,
+        finalized_rows,
+        failures: fails,
+    })
+}
+
+/// Shards (by index) without a committed attempt.
+pub async fn uncommitted_shards(store: &dyn ObjectStore, rec: &CampaignRecord) -> Result<Vec<u64>, LedgerError> {
+    let frags = fragments(store, &rec.campaign_id).await?;
+    Ok((0..rec.shard_count)
+        .filter(|i| !frags.contains_key(&ids::shard_id(*i)))
+        .collect())
+}
+
+/// What finalize wrote.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ManifestIndex {
+    pub campaign_id: String,
+    pub plan_digest: String,
+    pub rows: u64,
+    pub parts: Vec<String>,
+    /// shard id → the attempt whose rows are in the manifest
+    pub chosen: BTreeMap<String, String>,
+    /// planned shards without a valid committed attempt
+    pub missing_shards: Vec<String>,
+    /// committed attempts not used (duplicates from redelivery or concurrent runs)
+    pub unused_attempts: u64,
+    /// attempts rejected as invalid, with the reason
+    pub rejected_attempts: Vec<(String, String)>,
+    pub finalized_at: DateTime<Utc>,
+}
+
+struct Chosen {
+    shard: String,
+    attempt: Option<(String, Vec<RecordBatch>)>,
+    unused: u64,
+    rejected: Vec<(String, String)>,
+}
+
+fn key_of<'a>(root: &str, uri: &'a str) -> Option<&'a str> {
+    uri.strip_prefix(root)?.strip_prefix('/')
+}
+
+/// Picks, for every planned shard, the earliest committed attempt that is valid: readable, of
+/// this campaign, holding exactly the shard's planned sample ids once each, and (when
+/// `objects` is given) naming objects that exist with the recorded sizes. Results come in
+/// shard order.
+async fn choose_all<'a>(
+    store: &'a dyn ObjectStore,
+    rec: &'a CampaignRecord,
+    frags: BTreeMap<String, Vec<ObjectMeta>>,
+    objects: Option<&'a HashMap<String, u64>>,
+    prefer: &'a BTreeMap<String, String>,
+) -> impl futures_util::Stream<Item = Result<Chosen, LedgerError>> + 'a {
+    let root = store.root_uri();
+    let root = std::sync::Arc::new(root);
+    futures_util::stream::iter(0..rec.shard_count)
+        .map(move |i| {
+            let shard = ids::shard_id(i);
+            let mut attempts = frags.get(&shard).cloned().unwrap_or_default();
+            // a previously chosen attempt stays chosen while it is valid
+            if let Some(p) = prefer.get(&shard) {
+                if let Some(pos) = attempts.iter().position(|m| layout::parse_fragment_key(&rec.campaign_id, &m.key).map(|x| x.1) == Some(p.as_str())) {
+                    let m = attempts.remove(pos);
+                    attempts.insert(0, m);
+                }
+            }
+            let root = root.clone();
+            async move {
+                let want: Vec<String> = rec.shard_sample_ids(i);
+                let mut rejected = vec![];
+                let n = attempts.len() as u64;
+                for m in attempts {
+                    let attempt = layout::parse_fragment_key(&rec.campaign_id, &m.key)
+                        .map(|x| x.1.to_string())
+                        .unwrap_or_default();
+                    let bytes = match store.get(&m.key).await {
+                        Ok(b) => b,
+                        Err(StoreError::NotFound { .. }) => continue,
+                        Err(e) => return Err(e.into()),
+                    };
+                    let batches = match manifest::read_batches(bytes, &store.uri(&m.key)) {
+                        Ok(b) => b,
+                        Err(e) => {
+                            rejected.push((m.key.clone(), e.to_string()));
+                            continue;
+                        }
+                    };
+                    if let Err(reason) = validate(&batches, rec, &shard, &want, &root, objects) {
+                        rejected.push((m.key.clone(), reason));
+                        continue;
+                    }
+                    return Ok(Chosen {
+                        shard,
+                        attempt: Some((attempt, batches)),
+                        unused: n - 1,
+                        rejected,
+                    });
+                }
+                Ok(Chosen {
+                    shard,
+                    attempt: None,
+                    unused: 0,
+                    rejected,
+                })
+            }
+        })
+        .buffered(READ_CONCURRENCY)
+}
+
+fn validate(
+    batches: &[RecordBatch],
+    rec: &CampaignRecord,
+    shard: &str,
+    want: &[String],
+    root: &str,
+    objects: Option<&HashMap<String, u64>>,
+) -> Result<(), String> {
+    let mut got = vec![];
+    for b in batches {
+        let sid = b
+            .column_by_name("sample_id")
+            .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+            .ok_or("no sample_id column")?;
+        let cid = b
+            .column_by_name("campaign_id")
+            .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+            .ok_or("no campaign_id column")?;
+        let shd = b
+            .column_by_name("shard_id")
+            .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+            .ok_or("no shard_id column")?;
+        for i in 0..b.num_rows() {
+            if cid.value(i) != rec.campaign_id || shd.value(i) != shard {
+                return Err(format!("row {i} belongs to {}/{}", cid.value(i), shd.value(i)));
+            }
+            got.push(sid.value(i).to_string());
+        }
+        if let Some(objs) = objects {
+            for (iu, is, mu, ms) in manifest::object_refs(b) {
+                for (u, s) in [(iu, is), (mu, ms)] {
+                    let k = key_of(root, u).ok_or_else(|| format!("{u} is outside the output store {root}"))?;
+                    match objs.get(k) {
+                        Some(sz) if *sz == s => {}
+                        Some(sz) => return Err(format!("{u} has {sz} bytes, the row says {s}")),
+                        None => return Err(format!("{u} is missing")),
+                    }
+                }
+            }
+        }
+    }
+    if got != want {
+        return Err(format!(
+            "holds {} rows that are not exactly the shard's {} planned samples",
+            got.len(),
+            want.len()
+        ));
+    }
+    Ok(())
+}
+
+async fn object_sizes(store: &dyn ObjectStore, cid: &str) -> Result<HashMap<String, u64>, LedgerError> {
+    Ok(store
+        .list(&layout::samples_prefix(cid))
+        .await?
+        .into_iter()
+        .map(|m| (m.key, m.size))
+        .collect())
+}
+
+async fn previous_index(store: &dyn ObjectStore, cid: &str) -> Option<ManifestIndex> {
+    let b = store.get(&layout::manifest_index(cid)).await.ok()?;
+    serde_json::from_slice(&b).ok()
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct FinalizeOptions {
+    /// check that every object a row names exists with the recorded size
+    pub verify_objects: bool,
+    pub rows_per_part: usize,
+}
+
+impl Default for FinalizeOptions {
+    fn default() -> Self {
+        Self {
+            verify_objects: true,
+            rows_per_part: ROWS_PER_PART,
+        }
+    }
+}
+
+/// Compacts the chosen attempt of every shard into `manifest/part-NNNNN.parquet` (zstd) and
+/// writes `manifest/_manifest.json` last. Idempotent: re-running keeps earlier choices while
+/// they stay valid, and removes parts a previous, larger run left behind.
+pub async fn finalize(
+    store: &dyn ObjectStore,
+    cid: &str,
+    opts: FinalizeOptions,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<ManifestIndex, LedgerError> {
+    let rec = read_record(store, cid).await?;
+    let frags = fragments(store, cid).await?;
+    let objects = if opts.verify_objects {
+        Some(object_sizes(store, cid).await?)
+    } else {
+        None
+    };
+    let prefer = previous_index(store, cid).await.map(|m| m.chosen).unwrap_or_default();
+    let mut stream = Box::pin(choose_all(store, &rec, frags, objects.as_ref(), &prefer).await);
+    let mut index = ManifestIndex {
+        campaign_id: cid.to_string(),
+        plan_digest: rec.plan_digest.clone(),
+        rows: 0,
+        parts: vec![],
+        chosen: BTreeMap::new(),
+        missing_shards: vec![],
+        unused_attempts: 0,
+        rejected_attempts: vec![],
+        finalized_at: Utc::now(),
+    };
+    let mut pending: Vec<RecordBatch> = vec![];
+    let mut pending_rows = 0usize;
+    let mut done = 0u64;
+    let flush = |batches: Vec<RecordBatch>, n: usize| async move {
+        let body = manifest::write_batches(&batches)?;
+        let key = layout::manifest_part(cid, n);
+        store.put(&key, Bytes::from(body), "application/vnd.apache.parquet").await?;
+        Ok::<String, LedgerError>(key)
+    };
+    while let Some(c) = stream.next().await {
+        let c = c?;
+        done += 1;
+        progress(done, rec.shard_count);
+        index.unused_attempts += c.unused;
+        index.rejected_attempts.extend(c.rejected);
+        match c.attempt {
+            None => index.missing_shards.push(c.shard),
+            Some((attempt, batches)) => {
+                index.chosen.insert(c.shard, attempt);
+                for b in batches {
+                    pending_rows += b.num_rows();
+                    index.rows += b.num_rows() as u64;
+                    pending.push(b);
+                }
+                if pending_rows >= opts.rows_per_part {
+                    let n = index.parts.len();
+                    index.parts.push(flush(std::mem::take(&mut pending), n).await?);
+                    pending_rows = 0;
+                }
+            }
+        }
+    }
+    if pending_rows > 0 || index.parts.is_empty() {
+        let n = index.parts.len();
+        index.parts.push(flush(std::mem::take(&mut pending), n).await?);
+    }
+    let keep: HashSet<&String> = index.parts.iter().collect();
+    for m in store.list(&layout::manifest_prefix(cid)).await? {
+        if m.key.ends_with(".parquet") && !keep.contains(&m.key) {
+            store.delete(&m.key).await?;
+        }
+    }
+    index.parts = index.parts.iter().map(|k| store.uri(k)).collect();
+    index.finalized_at = Utc::now();
+    store
+        .put(
+            &layout::manifest_index(cid),
+            Bytes::from(serde_json::to_vec_pretty(&index).expect("index serializes")),
+            "application/json",
+        )
+        .await?;
+    Ok(index)
+}
+
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct GcReport {
+    pub deleted_objects: u64,
+    pub deleted_fragments: u64,
+    pub deleted_bytes: u64,
+    /// unreferenced objects younger than the shard time limit (an attempt may still be running)
+    pub kept_young: u64,
+    pub referenced: u64,
+}
+
+/// Deletes sample objects no chosen attempt references and fragments that were not chosen, when
+/// older than the campaign's shard time limit (younger ones may belong to a running attempt).
+pub async fn gc(store: &dyn ObjectStore, cid: &str, dry_run: bool, now: DateTime<Utc>) -> Result<GcReport, LedgerError> {
+    let rec = read_record(store, cid).await?;
+    let frags = fragments(store, cid).await?;
+    let all_frags: Vec<ObjectMeta> = frags.values().flatten().cloned().collect();
+    let objects_list = store.list(&layout::samples_prefix(cid)).await?;
+    let objects: HashMap<String, u64> = objects_list.iter().map(|m| (m.key.clone(), m.size)).collect();
+    let prefer = previous_index(store, cid).await.map(|m| m.chosen).unwrap_or_default();
+    let root = store.root_uri();
+    let mut referenced: HashSet<String> = HashSet::new();
+    let mut chosen_keys: HashSet<String> = HashSet::new();
+    let mut stream = Box::pin(choose_all(store, &rec, frags, Some(&objects), &prefer).await);
+    while let Some(c) = stream.next().await {
+        let c = c?;
+        if let Some((attempt, batches)) = c.attempt {
+            chosen_keys.insert(layout::fragment(cid, &c.shard, &attempt));
+            for b in &batches {
+                for (iu, _, mu, _) in manifest::object_refs(b) {
+                    for u in [iu, mu] {
+                        if let Some(k) = key_of(&root, u) {
+                            referenced.insert(k.to_string());
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let cutoff = now - chrono::Duration::seconds(rec.shard_time_limit_s as i64);
+    let mut rep = GcReport {
+        referenced: referenced.len() as u64,
+        ..Default::default()
+    };
+    for m in objects_list {
+        if referenced.contains(&m.key) {
+            continue;
+        }
+        if m.last_modified > cutoff {
+            rep.kept_young += 1;
+            continue;
+        }
+        if !dry_run {
+            store.delete(&m.key).await?;
+        }
+        rep.deleted_objects += 1;
+        rep.deleted_bytes += m.size;
+    }
+    for m in all_frags {
+        if chosen_keys.contains(&m.key) {
+            continue;
+        }
+        if m.last_modified > cutoff {
+            rep.kept_young += 1;
+            continue;
+        }
+        if !dry_run {
+            store.delete(&m.key).await?;
+        }
+        rep.deleted_fragments += 1;
+        rep.deleted_bytes += m.size;
+    }
+    Ok(rep)
+}

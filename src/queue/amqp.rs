@@ -1,0 +1,425 @@
+//! RabbitMQ through lapin 4. Topology (declared idempotently by every client):
+//! a durable quorum work queue with `x-delivery-limit` and a dead-letter exchange that routes to
+//! `<queue>.dead` (also quorum), with at-least-once dead-lettering. Every publish waits for the
+//! broker's confirm under a timeout. No automatic connection recovery: a lost connection is
+//! reported to the caller, which reconnects within a bounded window or exits (pipeline.md §1.4).
+
+use super::{Acker, Consumer, Delivery, Depth, JobQueue, QueueError};
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
+    BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::publisher_confirm::Confirmation;
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct AmqpConfig {
+    /// amqp://user:pass@host:5672/%2f
+    pub url: String,
+    /// work queue name; the dead-letter queue is `<queue>.dead`
+    pub queue: String,
+    /// deliveries after which the broker dead-letters a message (crash-loop backstop)
+    pub delivery_limit: u32,
+    /// how long to wait for a publisher confirm or a connection
+    pub timeout: Duration,
+    /// connection name shown in the RabbitMQ management UI
+    pub connection_name: String,
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        Self {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            queue: "defectforge.shards".into(),
+            delivery_limit: 5,
+            timeout: Duration::from_secs(30),
+            connection_name: "defectforge".into(),
+        }
+    }
+}
+
+/// Replaces the password of an AMQP or HTTP URL with `****` for logs and errors.
+pub fn redact_url(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        if let Some((userinfo, host)) = rest.rsplit_once('@') {
+            let user = userinfo.split(':').next().unwrap_or("");
+            return format!("{scheme}://{user}:****@{host}");
+        }
+    }
+    url.to_string()
+}
+
+pub struct AmqpQueue {
+    cfg: AmqpConfig,
+    conn: Connection,
+    publish_ch: Channel,
+}
+
+fn dead_queue(q: &str) -> String {
+    format!("{q}.dead")
+}
+const DLX: &str = "defectforge.dlx";
+
+fn berr(op: &str) -> impl Fn(lapin::Error) -> QueueError + '_ {
+    move |e| QueueError::Broker {
+        op: op.to_string(),
+        message: e.to_string(),
+    }
+}
+
+impl AmqpQueue {
+    /// Connects and declares the topology. Fails fast (within `cfg.timeout`) when the broker is
+    /// unreachable.
+    pub async fn connect(cfg: AmqpConfig) -> Result<Self, QueueError> {
+        let props = ConnectionProperties::default().with_connection_name(cfg.connection_name.clone().into());
+        let conn = tokio::time::timeout(cfg.timeout, Connection::connect(&cfg.url, props))
+            .await
+            .map_err(|_| QueueError::Connect {
+                url: redact_url(&cfg.url),
+                message: format!("no answer within {} s", cfg.timeout.as_secs()),
+            })?
+            .map_err(|e| QueueError::Connect {
+                url: redact_url(&cfg.url),
+                message: e.to_string(),
+            })?;
+        let publish_ch = conn.create_channel().await.map_err(berr("opening a channel"))?;
+        publish_ch
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(berr("enabling publisher confirms"))?;
+        let q = Self {
+            cfg,
+            conn,
+            publish_ch,
+        };
+        q.declare().await?;
+        Ok(q)
+    }
+
+    async fn declare(&self) -> Result<(), QueueError> {
+        let ch = &self.publish_ch;
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        ch.exchange_declare(
+            DLX.into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(berr("declaring the dead-letter exchange"))?;
+        let mut dargs = FieldTable::default();
+        dargs.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+        let dq = dead_queue(&self.cfg.queue);
+        ch.queue_declare(dq.clone().into(), durable, dargs)
+            .await
+            .map_err(berr("declaring the dead-letter queue"))?;
+        ch.queue_bind(
+            dq.clone().into(),
+            DLX.into(),
+            dq.clone().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(berr("binding the dead-letter queue"))?;
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+        args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(DLX.into()));
+        args.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(dq.into()));
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(self.cfg.delivery_limit as i64),
+        );
+        args.insert(
+            "x-dead-letter-strategy".into(),
+            AMQPValue::LongString("at-least-once".into()),
+        );
+        args.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
+        ch.queue_declare(self.cfg.queue.clone().into(), durable, args)
+            .await
+            .map_err(|e| QueueError::Broker {
+                op: format!("declaring queue {:?}", self.cfg.queue),
+                message: format!(
+                    "{e} (if the queue exists with other arguments, delete it or choose another --queue)"
+                ),
+            })?;
+        Ok(())
+    }
+
+    pub fn config(&self) -> &AmqpConfig {
+        &self.cfg
+    }
+
+    /// True while the connection is usable.
+    pub fn is_connected(&self) -> bool {
+        self.conn.status().connected()
+    }
+
+    pub async fn close(&self) {
+        let _ = self.conn.close(200, "bye".into()).await;
+    }
+
+    async fn publish_to(&self, routing_key: &str, bodies: Vec<Vec<u8>>) -> Result<(), QueueError> {
+        const WINDOW: usize = 256;
+        let timeout = self.cfg.timeout;
+        let mut pending = futures_util::stream::FuturesOrdered::new();
+        let op = format!("publishing to {routing_key}");
+        for body in bodies {
+            let props = BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type("application/json".into());
+            let confirm = tokio::time::timeout(
+                timeout,
+                self.publish_ch.basic_publish(
+                    "".into(),
+                    routing_key.into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    &body,
+                    props,
+                ),
+            )
+            .await
+            .map_err(|_| QueueError::Timeout {
+                op: op.clone(),
+                secs: timeout.as_secs(),
+            })?
+            .map_err(|e| QueueError::Lost(format!("{op}: {e}")))?;
+            pending.push_back(async move { tokio::time::timeout(timeout, confirm).await });
+            while pending.len() >= WINDOW {
+                check_confirm(&op, timeout, pending.next().await)?;
+            }
+        }
+        while !pending.is_empty() {
+            check_confirm(&op, timeout, pending.next().await)?;
+        }
+        Ok(())
+    }
+}
+
+fn check_confirm(
+    op: &str,
+    timeout: Duration,
+    r: Option<Result<lapin::Result<Confirmation>, tokio::time::error::Elapsed>>,
+) -> Result<(), QueueError> {
+    match r {
+        None => Ok(()),
+        Some(Err(_)) => Err(QueueError::Timeout {
+            op: op.to_string(),
+            secs: timeout.as_secs(),
+        }),
+        Some(Ok(Err(e))) => Err(QueueError::Lost(format!("{op}: {e}"))),
+        Some(Ok(Ok(Confirmation::Ack(None)))) | Some(Ok(Ok(Confirmation::NotRequested))) => Ok(()),
+        Some(Ok(Ok(Confirmation::Ack(Some(_))))) => Err(QueueError::Nacked {
+            op: op.to_string(),
+            message: "the message was unroutable (does the queue exist?)".into(),
+        }),
+        Some(Ok(Ok(Confirmation::Nack(_)))) => Err(QueueError::Nacked {
+            op: op.to_string(),
+            message: "the broker nacked the message (queue full or broker overloaded)".into(),
+        }),
+    }
+}
+
+fn header_u64(v: &AMQPValue) -> Option<u64> {
+    match v {
+        AMQPValue::LongLongInt(i) => Some(*i as u64),
+        AMQPValue::LongInt(i) => Some(*i as u64),
+        AMQPValue::ShortInt(i) => Some(*i as u64),
+        AMQPValue::LongUInt(i) => Some(*i as u64),
+        AMQPValue::ShortUInt(i) => Some(*i as u64),
+        AMQPValue::ShortShortInt(i) => Some(*i as u64),
+        AMQPValue::ShortShortUInt(i) => Some(*i as u64),
+        AMQPValue::Timestamp(i) => Some(*i),
+        _ => None,
+    }
+}
+
+struct AmqpAcker {
+    acker: lapin::acker::Acker,
+}
+
+fn acked(op: &str, r: lapin::Result<bool>) -> Result<(), QueueError> {
+    match r {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(QueueError::Lost(format!(
+            "{op}: the delivery's channel is gone; the broker will redeliver it"
+        ))),
+        Err(e) => Err(QueueError::Lost(format!("{op}: {e}"))),
+    }
+}
+
+#[async_trait]
+impl Acker for AmqpAcker {
+    async fn ack(&self) -> Result<(), QueueError> {
+        acked("ack", self.acker.ack(BasicAckOptions::default()).await)
+    }
+    async fn requeue(&self) -> Result<(), QueueError> {
+        acked(
+            "nack",
+            self.acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    multiple: false,
+                })
+                .await,
+        )
+    }
+    async fn dead_letter(&self) -> Result<(), QueueError> {
+        acked(
+            "reject",
+            self.acker
+                .reject(BasicRejectOptions { requeue: false })
+                .await,
+        )
+    }
+}
+
+struct AmqpConsumer {
+    inner: lapin::Consumer,
+    _ch: Channel,
+}
+
+fn to_delivery(d: lapin::message::Delivery) -> Delivery {
+    let previous = d
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-delivery-count").and_then(header_u64))
+        .unwrap_or(if d.redelivered { 1 } else { 0 });
+    Delivery {
+        body: d.data,
+        previous_deliveries: previous,
+        acker: Box::new(AmqpAcker { acker: d.acker }),
+    }
+}
+
+#[async_trait]
+impl Consumer for AmqpConsumer {
+    async fn next(&mut self) -> Result<Option<Delivery>, QueueError> {
+        match self.inner.next().await {
+            None => Err(QueueError::Lost("the consumer was cancelled by the broker".into())),
+            Some(Err(e)) => Err(QueueError::Lost(e.to_string())),
+            Some(Ok(d)) => Ok(Some(to_delivery(d))),
+        }
+    }
+}
+
+#[async_trait]
+impl JobQueue for AmqpQueue {
+    async fn publish(&self, bodies: Vec<Vec<u8>>) -> Result<(), QueueError> {
+        self.publish_to(&self.cfg.queue, bodies).await
+    }
+
+    async fn consume(&self, prefetch: u16) -> Result<Box<dyn Consumer>, QueueError> {
+        let ch = self
+            .conn
+            .create_channel()
+            .await
+            .map_err(|e| QueueError::Lost(format!("opening a consumer channel: {e}")))?;
+        ch.basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .map_err(berr("setting prefetch"))?;
+        let tag = format!("{}-{:08x}", self.cfg.connection_name, rand::random::<u32>());
+        let inner = ch
+            .basic_consume(
+                self.cfg.queue.clone().into(),
+                tag.into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(berr("starting the consumer"))?;
+        Ok(Box::new(AmqpConsumer { inner, _ch: ch }))
+    }
+
+    async fn requeue_dead(
+        &self,
+        select: &(dyn Fn(&[u8]) -> bool + Send + Sync),
+    ) -> Result<u64, QueueError> {
+        let ch = self.conn.create_channel().await.map_err(berr("opening a channel"))?;
+        let dq = dead_queue(&self.cfg.queue);
+        let before = ch
+            .queue_declare(
+                dq.clone().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(berr("inspecting the dead-letter queue"))?
+            .message_count() as u64;
+        let mut moved = 0;
+        for _ in 0..before {
+            let Some(m) = ch
+                .basic_get(dq.clone().into(), BasicGetOptions { no_ack: false })
+                .await
+                .map_err(berr("reading the dead-letter queue"))?
+            else {
+                break;
+            };
+            let d = m.delivery;
+            // Publish first (confirmed), then ack: a crash in between duplicates, never loses.
+            if select(&d.data) {
+                self.publish_to(&self.cfg.queue, vec![d.data.clone()]).await?;
+                moved += 1;
+            } else {
+                self.publish_to(&dq, vec![d.data.clone()]).await?;
+            }
+            acked("ack", d.acker.ack(BasicAckOptions::default()).await)?;
+        }
+        let _ = ch.close(200, "done".into()).await;
+        Ok(moved)
+    }
+
+    async fn depth(&self) -> Result<Depth, QueueError> {
+        // Passive declares on a throwaway channel: a failing declare closes its channel.
+        let ch = self.conn.create_channel().await.map_err(berr("opening a channel"))?;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let q = ch
+            .queue_declare(self.cfg.queue.clone().into(), passive, FieldTable::default())
+            .await
+            .map_err(berr("inspecting the work queue"))?;
+        let d = ch
+            .queue_declare(dead_queue(&self.cfg.queue).into(), passive, FieldTable::default())
+            .await
+            .map_err(berr("inspecting the dead-letter queue"))?;
+        let _ = ch.close(200, "done".into()).await;
+        Ok(Depth {
+            ready: q.message_count() as u64,
+            consumers: q.consumer_count() as u64,
+            dead: d.message_count() as u64,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact_url("amqp://bob:s3cret@rabbit:5672/%2f"),
+            "amqp://bob:****@rabbit:5672/%2f"
+        );
+        assert_eq!(redact_url("amqp://rabbit:5672"), "amqp://rabbit:5672");
+    }
+}

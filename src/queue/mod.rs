@@ -1,0 +1,84 @@
+//! The job queue seam: shards go in, workers take them out one at a time, and a shard is acked
+//! only after its result is committed to the store. `AmqpQueue` (RabbitMQ through lapin: durable
+//! quorum queue, dead-letter exchange, delivery limit, publisher confirms) and `InProcQueue`
+//! (embedded mode, same semantics in memory) implement it.
+
+mod amqp;
+mod inproc;
+
+pub use amqp::{redact_url, AmqpConfig, AmqpQueue};
+pub use inproc::InProcQueue;
+
+use async_trait::async_trait;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("cannot connect to the broker at {url}: {message} (is RabbitMQ running? check --amqp-url / DEFECTFORGE_AMQP_URL)")]
+    Connect { url: String, message: String },
+    #[error("broker error during {op}: {message}")]
+    Broker { op: String, message: String },
+    #[error("the broker did not confirm {op} within {secs} s")]
+    Timeout { op: String, secs: u64 },
+    #[error("the broker refused {op}: {message}")]
+    Nacked { op: String, message: String },
+    #[error("the connection to the broker was lost: {0}")]
+    Lost(String),
+}
+
+impl QueueError {
+    /// Connection-level failures after which a worker should reconnect.
+    pub fn is_connection_loss(&self) -> bool {
+        matches!(
+            self,
+            QueueError::Lost(_) | QueueError::Connect { .. } | QueueError::Broker { .. } | QueueError::Timeout { .. }
+        )
+    }
+}
+
+/// What happens to a delivery after processing.
+#[async_trait]
+pub trait Acker: Send + Sync {
+    /// Done (the result is committed): remove the message.
+    async fn ack(&self) -> Result<(), QueueError>;
+    /// Try again later (transient failure): back into the queue; counts towards the delivery limit.
+    async fn requeue(&self) -> Result<(), QueueError>;
+    /// Permanent failure: move the message to the dead-letter queue.
+    async fn dead_letter(&self) -> Result<(), QueueError>;
+}
+
+pub struct Delivery {
+    pub body: Vec<u8>,
+    /// how many times this message was delivered before (0 on first delivery)
+    pub previous_deliveries: u64,
+    pub acker: Box<dyn Acker>,
+}
+
+#[async_trait]
+pub trait Consumer: Send {
+    /// The next delivery; `Ok(None)` when the queue is closed for good (embedded mode drained).
+    async fn next(&mut self) -> Result<Option<Delivery>, QueueError>;
+}
+
+/// Queue depth as far as the broker tells it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Depth {
+    /// messages ready for delivery (excludes messages held by workers)
+    pub ready: u64,
+    pub consumers: u64,
+    /// messages in the dead-letter queue (all campaigns)
+    pub dead: u64,
+}
+
+#[async_trait]
+pub trait JobQueue: Send + Sync {
+    /// Publishes messages, each confirmed by the broker before this returns.
+    async fn publish(&self, bodies: Vec<Vec<u8>>) -> Result<(), QueueError>;
+    /// Starts consuming with the given prefetch.
+    async fn consume(&self, prefetch: u16) -> Result<Box<dyn Consumer>, QueueError>;
+    /// Moves dead-lettered messages accepted by `select` back to the work queue; returns how many.
+    async fn requeue_dead(
+        &self,
+        select: &(dyn Fn(&[u8]) -> bool + Send + Sync),
+    ) -> Result<u64, QueueError>;
+    async fn depth(&self) -> Result<Depth, QueueError>;
+}

@@ -1,0 +1,681 @@
+//! The worker runtime: takes one shard at a time from a `JobQueue`, reads its inputs, runs the
+//! generators off the async runtime (so broker heartbeats keep flowing), writes every object
+//! under attempt-unique keys, commits by writing the shard fragment last, and only then acks.
+//! Bad input is dead-lettered with a failure record; transient failures are retried with backoff
+//! and then requeued; a shard past its time limit is requeued and the worker stops.
+
+use crate::generators::{self, composite, masks, GenError, GenInput, Generator};
+use bytes::Bytes;
+use chrono::Utc;
+use defectforge::campaign::MaskSource;
+use defectforge::imaging::{self, ImageError};
+use defectforge::ledger::FailureRecord;
+use defectforge::manifest::{self, ManifestRow};
+use defectforge::messages::{SampleSpec, ShardMessage};
+use defectforge::queue::{Delivery, JobQueue, QueueError};
+use defectforge::retry::{retry, Backoff};
+use defectforge::store::{self, ObjectStore, S3Config, StoreError};
+use defectforge::{ids, layout, ledger};
+use futures_util::StreamExt;
+use image::{GrayImage, RgbImage};
+use rand::SeedableRng;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tracing::{info, warn, Instrument};
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub worker_id: String,
+    pub s3: S3Config,
+    pub retry: Backoff,
+    /// must equal the queue's delivery limit: on the last allowed delivery a transient failure
+    /// is dead-lettered with a failure record instead of requeued
+    pub delivery_limit: u64,
+    /// concurrent object uploads per shard
+    pub upload_concurrency: usize,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            worker_id: default_worker_id(),
+            s3: S3Config::default(),
+            retry: Backoff::default(),
+            delivery_limit: 5,
+            upload_concurrency: 8,
+        }
+    }
+}
+
+pub fn default_worker_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "worker".into());
+    format!("{host}-{}", std::process::id())
+}
+
+/// Counters for logs and metrics.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub shards_committed: AtomicU64,
+    pub shards_skipped: AtomicU64,
+    pub shards_dead_lettered: AtomicU64,
+    pub shards_requeued: AtomicU64,
+    pub samples_committed: AtomicU64,
+    pub bytes_uploaded: AtomicU64,
+    pub generator_micros: AtomicU64,
+}
+
+/// How a delivery ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Committed { samples: usize },
+    Skipped { reason: String },
+    DeadLettered { cause: String },
+    Requeued { cause: String },
+}
+
+/// Conditions after which the worker must stop (the supervisor restarts it).
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("shard {shard} exceeded its time limit of {secs} s; it was requeued and this worker stops because the generator thread may be stuck")]
+    TimedOut { shard: String, secs: u64 },
+    #[error("worker misconfigured: {0}")]
+    Fatal(String),
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+}
+
+enum ShardError {
+    Permanent {
+        sample: Option<(String, u64)>,
+        input_uri: Option<String>,
+        cause: String,
+    },
+    Transient(String),
+    Fatal(String),
+    TimedOut(u64),
+}
+
+fn from_store(e: StoreError, input: bool) -> ShardError {
+    match e {
+        StoreError::NotFound { uri } if input => ShardError::Permanent {
+            sample: None,
+            input_uri: Some(uri.clone()),
+            cause: format!("input {uri} does not exist"),
+        },
+        e @ (StoreError::Auth { .. } | StoreError::NoBucket { .. }) => ShardError::Fatal(e.to_string()),
+        e if e.is_transient() => ShardError::Transient(e.to_string()),
+        e => ShardError::Transient(e.to_string()),
+    }
+}
+
+struct Inputs {
+    normal: Bytes,
+    mask: Option<Bytes>,
+    texture: Option<(String, Bytes)>,
+}
+
+struct Computed {
+    image_png: Vec<u8>,
+    mask_png: Vec<u8>,
+    width: u32,
+    height: u32,
+    stats: imaging::MaskStats,
+    change: (f32, f32),
+    generator: String,
+    version: String,
+    digest: Option<String>,
+    micros: u64,
+}
+
+pub struct Worker {
+    pub cfg: WorkerConfig,
+    generators: BTreeMap<&'static str, Arc<dyn Generator>>,
+    stores: Mutex<HashMap<String, Arc<dyn ObjectStore>>>,
+    cancelled: Mutex<HashMap<String, (Instant, bool)>>,
+    textures: Mutex<HashMap<String, Arc<Vec<String>>>>,
+    pub counters: Counters,
+}
+
+impl Worker {
+    pub fn new(cfg: WorkerConfig) -> Self {
+        Self::with_generators(cfg, generators::registry())
+    }
+
+    pub fn with_generators(cfg: WorkerConfig, generators: BTreeMap<&'static str, Arc<dyn Generator>>) -> Self {
+        Self {
+            cfg,
+            generators,
+            stores: Default::default(),
+            cancelled: Default::default(),
+            textures: Default::default(),
+            counters: Default::default(),
+        }
+    }
+
+    async fn store(&self, root: &str) -> Result<Arc<dyn ObjectStore>, StoreError> {
+        if let Some(s) = self.stores.lock().expect("stores").get(root) {
+            return Ok(s.clone());
+        }
+        let s = store::open(root, &self.cfg.s3).await?;
+        s.check().await?;
+        self.stores.lock().expect("stores").insert(root.to_string(), s.clone());
+        Ok(s)
+    }
+
+    async fn is_cancelled(&self, store: &dyn ObjectStore, cid: &str) -> Result<bool, StoreError> {
+        if let Some((at, v)) = self.cancelled.lock().expect("cancel cache").get(cid) {
+            if at.elapsed() < Duration::from_secs(5) {
+                return Ok(*v);
+            }
+        }
+        let v = ledger::is_cancelled(store, cid).await?;
+        self.cancelled
+            .lock()
+            .expect("cancel cache")
+            .insert(cid.to_string(), (Instant::now(), v));
+        Ok(v)
+    }
+
+    async fn read(&self, uri: &str) -> Result<Bytes, StoreError> {
+        retry(self.cfg.retry, &format!("reading {uri}"), StoreError::is_transient, || async {
+            let (s, key) = store::open_object(uri, &self.cfg.s3).await?;
+            s.get(&key).await
+        })
+        .await
+    }
+
+    async fn texture_list(&self, dir: &str) -> Result<Arc<Vec<String>>, ShardError> {
+        if let Some(l) = self.textures.lock().expect("textures").get(dir) {
+            return Ok(l.clone());
+        }
+        let l = defectforge::dataset::list_images(dir, &self.cfg.s3)
+            .await
+            .map_err(ShardError::Transient)?;
+        if l.is_empty() {
+            return Err(ShardError::Permanent {
+                sample: None,
+                input_uri: Some(dir.to_string()),
+                cause: format!("texture folder {dir} holds no images"),
+            });
+        }
+        let l = Arc::new(l);
+        self.textures.lock().expect("textures").insert(dir.to_string(), l.clone());
+        Ok(l)
+    }
+
+    async fn fetch_inputs(&self, msg: &ShardMessage) -> Result<Vec<Inputs>, ShardError> {
+        let mut out = vec![];
+        for s in &msg.samples {
+            let t = &msg.types[s.type_idx as usize];
+            let with_sample = |e: ShardError| match e {
+                ShardError::Permanent { input_uri, cause, .. } => ShardError::Permanent {
+                    sample: Some((s.sample_id.clone(), s.index)),
+                    input_uri,
+                    cause,
+                },
+                e => e,
+            };
+            let normal = self.read(&s.normal_uri).await.map_err(|e| with_sample(from_store(e, true)))?;
+            let mask = match &s.mask_uri {
+                Some(u) => Some(self.read(u).await.map_err(|e| with_sample(from_store(e, true)))?),
+                None => None,
+            };
+            let texture = match (&t.settings.perlin.texture_dir, t.generator.as_str()) {
+                (Some(dir), "perlin") => {
+                    let list = self.texture_list(dir).await.map_err(with_sample)?;
+                    let i = (s.seed % list.len() as u64) as usize;
+                    let b = self.read(&list[i]).await.map_err(|e| with_sample(from_store(e, true)))?;
+                    Some((list[i].clone(), b))
+                }
+                _ => None,
+            };
+            out.push(Inputs { normal, mask, texture });
+        }
+        Ok(out)
+    }
+
+    /// Processes one delivery and answers the broker. Returns how it ended, or an error after
+    /// which the worker must stop.
+    pub async fn handle(&self, d: Delivery) -> Result<Outcome, WorkerError> {
+        let msg = match ShardMessage::from_bytes(&d.body) {
+            Ok(m) => m,
+            Err(e) => {
+                warn!("dead-lettering an unreadable shard message: {e}");
+                d.acker.dead_letter().await?;
+                self.counters.shards_dead_lettered.fetch_add(1, Ordering::Relaxed);
+                return Ok(Outcome::DeadLettered { cause: e.to_string() });
+            }
+        };
+        let span = tracing::info_span!("shard", campaign = %msg.campaign_id, shard = %msg.shard_id);
+        self.handle_msg(d, msg).instrument(span).await
+    }
+
+    async fn handle_msg(&self, d: Delivery, msg: ShardMessage) -> Result<Outcome, WorkerError> {
+        let deliveries = d.previous_deliveries + 1;
+        let result = self.process(&msg).await;
+        match result {
+            Ok(Outcome::Committed { samples }) => {
+                d.acker.ack().await?;
+                self.counters.shards_committed.fetch_add(1, Ordering::Relaxed);
+                self.counters.samples_committed.fetch_add(samples as u64, Ordering::Relaxed);
+                info!(samples, "shard committed");
+                Ok(Outcome::Committed { samples })
+            }
+            Ok(other) => {
+                d.acker.ack().await?;
+                self.counters.shards_skipped.fetch_add(1, Ordering::Relaxed);
+                info!("shard skipped: {other:?}");
+                Ok(other)
+            }
+            Err(ShardError::Permanent { sample, input_uri, cause }) => {
+                warn!(%cause, "shard failed permanently; dead-lettering it");
+                self.dead_letter(d, &msg, sample, input_uri, cause, "permanent", deliveries).await
+            }
+            Err(ShardError::Transient(cause)) if deliveries >= self.cfg.delivery_limit => {
+                let cause = format!("gave up after {deliveries} deliveries: {cause}");
+                warn!(%cause, "dead-lettering shard");
+                self.dead_letter(d, &msg, None, None, cause, "exhausted", deliveries).await
+            }
+            Err(ShardError::Transient(cause)) => {
+                let pause = self.cfg.retry.delay(deliveries as u32 + 1);
+                warn!(%cause, pause_ms = pause.as_millis() as u64, "transient failure; requeueing the shard");
+                tokio::time::sleep(pause).await;
+                d.acker.requeue().await?;
+                self.counters.shards_requeued.fetch_add(1, Ordering::Relaxed);
+                Ok(Outcome::Requeued { cause })
+            }
+            Err(ShardError::Fatal(cause)) => {
+                let _ = d.acker.requeue().await;
+                Err(WorkerError::Fatal(cause))
+            }
+            Err(ShardError::TimedOut(secs)) => {
+                let _ = d.acker.requeue().await;
+                Err(WorkerError::TimedOut {
+                    shard: msg.message_id(),
+                    secs,
+                })
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn dead_letter(
+        &self,
+        d: Delivery,
+        msg: &ShardMessage,
+        sample: Option<(String, u64)>,
+        input_uri: Option<String>,
+        cause: String,
+        class: &str,
+        deliveries: u64,
+    ) -> Result<Outcome, WorkerError> {
+        let rec = FailureRecord {
+            campaign_id: msg.campaign_id.clone(),
+            shard_id: msg.shard_id.clone(),
+            sample_id: sample.as_ref().map(|s| s.0.clone()),
+            sample_index: sample.map(|s| s.1),
+            input_uri,
+            cause: cause.clone(),
+            class: class.to_string(),
+            worker_id: self.cfg.worker_id.clone(),
+            deliveries,
+            at: Utc::now(),
+        };
+        let written = match self.store(&msg.output).await {
+            Ok(store) => {
+                let body = Bytes::from(serde_json::to_vec_pretty(&rec).expect("record serializes"));
+                let key = layout::failure(&msg.campaign_id, &msg.shard_id);
+                retry(self.cfg.retry, "writing a failure record", StoreError::is_transient, || {
+                    store.put(&key, body.clone(), "application/json")
+                })
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = written {
+            // Without its failure record a dead shard would be invisible: keep it in the queue.
+            warn!("cannot write the failure record ({e}); requeueing instead of dead-lettering");
+            d.acker.requeue().await?;
+            return Ok(Outcome::Requeued { cause });
+        }
+        d.acker.dead_letter().await?;
+        self.counters.shards_dead_lettered.fetch_add(1, Ordering::Relaxed);
+        Ok(Outcome::DeadLettered { cause })
+    }
+
+    async fn process(&self, msg: &ShardMessage) -> Result<Outcome, ShardError> {
+        let t0 = Instant::now();
+        let started_at = Utc::now();
+        let store = self.store(&msg.output).await.map_err(|e| from_store(e, false))?;
+        let cid = &msg.campaign_id;
+        let cancelled = retry(self.cfg.retry, "checking for cancellation", StoreError::is_transient, || {
+            self.is_cancelled(store.as_ref(), cid)
+        })
+        .await
+        .map_err(|e| from_store(e, false))?;
+        if cancelled {
+            return Ok(Outcome::Skipped { reason: "campaign cancelled".into() });
+        }
+        let shard_prefix = format!("{}{}/", layout::shards_prefix(cid), msg.shard_id);
+        let existing = retry(self.cfg.retry, "listing shard fragments", StoreError::is_transient, || {
+            store.list(&shard_prefix)
+        })
+        .await
+        .map_err(|e| from_store(e, false))?;
+        if !existing.is_empty() {
+            return Ok(Outcome::Skipped { reason: "shard already committed".into() });
+        }
+        for t in &msg.types {
+            if !self.generators.contains_key(t.generator.as_str()) {
+                return Err(ShardError::Permanent {
+                    sample: None,
+                    input_uri: None,
+                    cause: format!(
+                        "unknown generator {:?} for {}/{} (this worker has: {})",
+                        t.generator,
+                        t.category,
+                        t.defect_type,
+                        self.generators.keys().copied().collect::<Vec<_>>().join(", ")
+                    ),
+                });
+            }
+        }
+        let attempt = ids::new_attempt_id();
+        let inputs = self.fetch_inputs(msg).await?;
+        let limit = Duration::from_secs(msg.shard_time_limit_s);
+        let remaining = limit.saturating_sub(t0.elapsed());
+        let gens = self.generators.clone();
+        let m2 = msg.clone();
+        let job = tokio::task::spawn_blocking(move || compute(&m2, inputs, &gens));
+        let computed = match tokio::time::timeout(remaining, job).await {
+            Err(_) => return Err(ShardError::TimedOut(msg.shard_time_limit_s)),
+            Ok(Err(join)) => return Err(ShardError::Transient(format!("generator thread panicked: {join}"))),
+            Ok(Ok(r)) => r?,
+        };
+        // Upload every object under this attempt's keys.
+        let mut uploads = vec![];
+        for (s, c) in msg.samples.iter().zip(&computed) {
+            uploads.push((layout::sample_image(cid, &s.sample_id, &attempt), Bytes::from(c.image_png.clone())));
+            uploads.push((layout::sample_mask(cid, &s.sample_id, &attempt), Bytes::from(c.mask_png.clone())));
+        }
+        let store2 = store.clone();
+        let policy = self.cfg.retry;
+        let results: Vec<Result<u64, StoreError>> = futures_util::stream::iter(uploads)
+            .map(|(key, body)| {
+                let store = store2.clone();
+                async move {
+                    let n = body.len() as u64;
+                    retry(policy, &format!("uploading {key}"), StoreError::is_transient, || {
+                        store.put(&key, body.clone(), "image/png")
+                    })
+                    .await
+                    .map(|_| n)
+                }
+            })
+            .buffer_unordered(self.cfg.upload_concurrency.max(1))
+            .collect()
+            .await;
+        let mut bytes_up = 0;
+        for r in results {
+            bytes_up += r.map_err(|e| from_store(e, false))?;
+        }
+        self.counters.bytes_uploaded.fetch_add(bytes_up, Ordering::Relaxed);
+        if t0.elapsed() > limit {
+            return Err(ShardError::TimedOut(msg.shard_time_limit_s));
+        }
+        // Commit: the fragment names exactly the objects written above.
+        let finished_at = Utc::now();
+        let per_sample_ms = t0.elapsed().as_secs_f32() * 1000.0 / msg.samples.len().max(1) as f32;
+        let rows: Vec<ManifestRow> = msg
+            .samples
+            .iter()
+            .zip(&computed)
+            .map(|(s, c)| row(msg, s, c, &*store, &attempt, &self.cfg.worker_id, per_sample_ms, started_at, finished_at))
+            .collect();
+        let frag = manifest::write_parquet(&rows).map_err(|e| ShardError::Transient(e.to_string()))?;
+        let fkey = layout::fragment(cid, &msg.shard_id, &attempt);
+        let fbytes = Bytes::from(frag);
+        retry(self.cfg.retry, "committing the shard fragment", StoreError::is_transient, || {
+            store.put(&fkey, fbytes.clone(), "application/vnd.apache.parquet")
+        })
+        .await
+        .map_err(|e| from_store(e, false))?;
+        let micros: u64 = computed.iter().map(|c| c.micros).sum();
+        self.counters.generator_micros.fetch_add(micros, Ordering::Relaxed);
+        // A shard that once failed and now succeeded is no longer failed.
+        let _ = store.delete(&layout::failure(cid, &msg.shard_id)).await;
+        Ok(Outcome::Committed { samples: rows.len() })
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn row(
+    msg: &ShardMessage,
+    s: &SampleSpec,
+    c: &Computed,
+    store: &dyn ObjectStore,
+    attempt: &str,
+    worker_id: &str,
+    per_sample_ms: f32,
+    started_at: chrono::DateTime<Utc>,
+    finished_at: chrono::DateTime<Utc>,
+) -> ManifestRow {
+    let t = &msg.types[s.type_idx as usize];
+    ManifestRow {
+        sample_id: s.sample_id.clone(),
+        shard_id: msg.shard_id.clone(),
+        campaign_id: msg.campaign_id.clone(),
+        sample_index: s.index,
+        category: t.category.clone(),
+        defect_type: t.defect_type.clone(),
+        image_uri: store.uri(&layout::sample_image(&msg.campaign_id, &s.sample_id, attempt)),
+        mask_uri: store.uri(&layout::sample_mask(&msg.campaign_id, &s.sample_id, attempt)),
+        normal_uri: s.normal_uri.clone(),
+        mask_source: t.mask_source.as_str().to_string(),
+        source_mask_uri: s.mask_uri.clone(),
+        generator: c.generator.clone(),
+        generator_version: c.version.clone(),
+        model_digest: c.digest.clone(),
+        seed: s.seed,
+        generator_settings: serde_json::to_string(&t.settings).expect("settings serialize"),
+        width: c.width,
+        height: c.height,
+        mask_area: c.stats.area,
+        bbox_x: c.stats.bbox.0,
+        bbox_y: c.stats.bbox.1,
+        bbox_w: c.stats.bbox.2,
+        bbox_h: c.stats.bbox.3,
+        image_sha256: ids::sha256_hex(&c.image_png),
+        image_size: c.image_png.len() as u64,
+        mask_sha256: ids::sha256_hex(&c.mask_png),
+        mask_size: c.mask_png.len() as u64,
+        mean_abs_change_inside: c.change.0,
+        mean_abs_change_outside: c.change.1,
+        worker_id: worker_id.to_string(),
+        attempt: attempt.to_string(),
+        duration_ms: per_sample_ms,
+        started_at,
+        finished_at,
+    }
+}
+
+fn image_err(e: ImageError, s: &SampleSpec, uri: &str) -> ShardError {
+    ShardError::Permanent {
+        sample: Some((s.sample_id.clone(), s.index)),
+        input_uri: Some(uri.to_string()),
+        cause: format!("sample {} (#{}): {e}", s.sample_id, s.index),
+    }
+}
+
+/// Decodes inputs, builds masks, runs the generators (batched per generator), composites,
+/// encodes and hashes. CPU/GPU-bound: runs on a blocking thread.
+fn compute(
+    msg: &ShardMessage,
+    inputs: Vec<Inputs>,
+    gens: &BTreeMap<&'static str, Arc<dyn Generator>>,
+) -> Result<Vec<Computed>, ShardError> {
+    let mut normals: Vec<RgbImage> = vec![];
+    let mut masks_v: Vec<GrayImage> = vec![];
+    let mut textures: Vec<Option<RgbImage>> = vec![];
+    for (s, inp) in msg.samples.iter().zip(&inputs) {
+        let t = &msg.types[s.type_idx as usize];
+        let normal = imaging::decode_rgb(&inp.normal, "normal image", &s.normal_uri)
+            .map_err(|e| image_err(e, s, &s.normal_uri))?;
+        let (w, h) = normal.dimensions();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(s.seed ^ 0x4d41_534b);
+        let mask = match (t.mask_source, &inp.mask, &s.mask_uri) {
+            (MaskSource::Real | MaskSource::Folder, Some(b), Some(uri)) => {
+                let m = imaging::decode_mask(b, uri).map_err(|e| image_err(e, s, uri))?;
+                if m.dimensions() != (w, h) {
+                    return Err(image_err(
+                        ImageError::SizeMismatch {
+                            mask_uri: uri.clone(),
+                            image_uri: s.normal_uri.clone(),
+                            mw: m.width(),
+                            mh: m.height(),
+                            iw: w,
+                            ih: h,
+                        },
+                        s,
+                        uri,
+                    ));
+                }
+                if imaging::mask_stats(&m).area == 0 {
+                    return Err(image_err(ImageError::EmptyMask { uri: uri.clone() }, s, uri));
+                }
+                m
+            }
+            (MaskSource::Real | MaskSource::Folder, _, _) => {
+                return Err(ShardError::Permanent {
+                    sample: Some((s.sample_id.clone(), s.index)),
+                    input_uri: None,
+                    cause: format!("sample {} uses mask source {:?} but names no mask file", s.sample_id, t.mask_source),
+                })
+            }
+            (MaskSource::Perlin, _, _) => masks::perlin_mask(w, h, &t.settings.perlin, &mut rng),
+            (MaskSource::Cutpaste, _, _) => masks::rect_mask(w, h, &t.settings.cutpaste, &mut rng),
+            (MaskSource::Scar, _, _) => masks::scar_mask(w, h, &t.settings.cutpaste, &mut rng),
+        };
+        let texture = match &inp.texture {
+            Some((uri, b)) => Some(imaging::decode_rgb(b, "texture", uri).map_err(|e| image_err(e, s, uri))?),
+            None => None,
+        };
+        normals.push(normal);
+        masks_v.push(mask);
+        textures.push(texture);
+    }
+    // Batch per generator, keeping plan order in the result.
+    let mut results: Vec<Option<(RgbImage, u64)>> = (0..msg.samples.len()).map(|_| None).collect();
+    let mut by_gen: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (i, s) in msg.samples.iter().enumerate() {
+        by_gen.entry(msg.types[s.type_idx as usize].generator.as_str()).or_default().push(i);
+    }
+    for (gname, idx) in &by_gen {
+        let g = &gens[gname];
+        let batch: Vec<GenInput<'_>> = idx
+            .iter()
+            .map(|&i| GenInput {
+                normal: &normals[i],
+                mask: &masks_v[i],
+                seed: msg.samples[i].seed,
+                settings: &msg.types[msg.samples[i].type_idx as usize].settings,
+                texture: textures[i].as_ref(),
+            })
+            .collect();
+        let t = Instant::now();
+        let out = g.generate(&batch).map_err(|e| match e {
+            GenError::Input(c) => ShardError::Permanent { sample: None, input_uri: None, cause: c },
+            GenError::Transient(c) => ShardError::Transient(c),
+        })?;
+        let micros = t.elapsed().as_micros() as u64 / idx.len().max(1) as u64;
+        if out.len() != idx.len() {
+            return Err(ShardError::Transient(format!("generator {gname} returned {} images for {}", out.len(), idx.len())));
+        }
+        for (&i, img) in idx.iter().zip(out) {
+            if img.dimensions() != normals[i].dimensions() {
+                return Err(ShardError::Transient(format!(
+                    "generator {gname} returned a {}x{} image for a {}x{} input",
+                    img.width(),
+                    img.height(),
+                    normals[i].width(),
+                    normals[i].height()
+                )));
+            }
+            results[i] = Some((img, micros));
+        }
+    }
+    let mut out = vec![];
+    for (i, r) in results.into_iter().enumerate() {
+        let (gen_img, micros) = r.expect("every sample generated");
+        let final_img = composite(&normals[i], &gen_img, &masks_v[i]);
+        let change = imaging::change_inside_outside(&normals[i], &final_img, &masks_v[i]);
+        let t = &msg.types[msg.samples[i].type_idx as usize];
+        let g = &gens[t.generator.as_str()];
+        out.push(Computed {
+            image_png: imaging::encode_png_rgb(&final_img).map_err(|e| ShardError::Transient(e.to_string()))?,
+            mask_png: imaging::encode_png_gray(&masks_v[i]).map_err(|e| ShardError::Transient(e.to_string()))?,
+            width: final_img.width(),
+            height: final_img.height(),
+            stats: imaging::mask_stats(&masks_v[i]),
+            change,
+            generator: g.name().to_string(),
+            version: g.version().to_string(),
+            digest: g.model_digest(),
+            micros,
+        });
+    }
+    Ok(out)
+}
+
+/// How a consume loop ended without error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoopEnd {
+    /// the queue was closed and drained (embedded mode)
+    Drained,
+    /// shutdown was requested (SIGTERM); the current shard was finished first
+    Shutdown,
+    /// no delivery arrived within the idle limit
+    Idle,
+}
+
+/// Consumes until drained, shut down, idle, or an error. Shutdown is checked between shards,
+/// never during one: a started shard always finishes, commits and acks.
+pub async fn consume_loop(
+    worker: &Worker,
+    queue: &dyn JobQueue,
+    prefetch: u16,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    idle_exit: Option<Duration>,
+) -> Result<LoopEnd, WorkerError> {
+    let mut consumer = queue.consume(prefetch).await?;
+    loop {
+        if *shutdown.borrow() {
+            return Ok(LoopEnd::Shutdown);
+        }
+        let next = async {
+            match idle_exit {
+                Some(d) => tokio::time::timeout(d, consumer.next()).await.ok(),
+                None => Some(consumer.next().await),
+            }
+        };
+        let d = tokio::select! {
+            _ = shutdown.changed() => return Ok(LoopEnd::Shutdown),
+            d = next => d,
+        };
+        match d {
+            None => return Ok(LoopEnd::Idle),
+            Some(Ok(None)) => return Ok(LoopEnd::Drained),
+            Some(Err(e)) => return Err(e.into()),
+            Some(Ok(Some(d))) => {
+                worker.handle(d).await?;
+            }
+        }
+    }
+}
