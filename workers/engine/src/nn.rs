@@ -110,12 +110,26 @@ pub fn conv2d(
     padding: usize,
     vb: VarBuilder,
 ) -> Result<Conv2d> {
-    let weight = vb.get_with_hints((cout, cin, k, k), "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)?;
+    let weight = vb.get_with_hints(
+        (cout, cin, k, k),
+        "weight",
+        candle_nn::init::DEFAULT_KAIMING_NORMAL,
+    )?;
     let bound = 1.0 / ((cin * k * k) as f64).sqrt();
-    let bias = vb.get_with_hints(cout, "bias", candle_nn::Init::Uniform { lo: -bound, up: bound })?;
+    let bias = vb.get_with_hints(
+        cout,
+        "bias",
+        candle_nn::Init::Uniform {
+            lo: -bound,
+            up: bound,
+        },
+    )?;
     let gemm_path = weight.device().is_cpu() && stride == 1;
     let (weight, packed) = if gemm_path {
-        let packed = weight.permute((0, 2, 3, 1))?.reshape((cout, k * k * cin))?.contiguous()?;
+        let packed = weight
+            .permute((0, 2, 3, 1))?
+            .reshape((cout, k * k * cin))?
+            .contiguous()?;
         (None, Some(packed))
     } else {
         (Some(weight), None)

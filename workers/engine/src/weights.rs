@@ -326,12 +326,24 @@ impl Weights {
 
     /// The names of all tensors models have read from these weights.
     pub fn consumed_names(&self) -> Vec<String> {
-        self.inner.used.lock().expect("weights lock").keys().cloned().collect()
+        self.inner
+            .used
+            .lock()
+            .expect("weights lock")
+            .keys()
+            .cloned()
+            .collect()
     }
 
     /// The number of scalar parameters models have read from these weights.
     pub fn consumed_param_count(&self) -> usize {
-        self.inner.used.lock().expect("weights lock").values().map(|(n, _)| n).sum()
+        self.inner
+            .used
+            .lock()
+            .expect("weights lock")
+            .values()
+            .map(|(n, _)| n)
+            .sum()
     }
 
     /// The random tensors the models built from these weights consumed, by name (e.g. to save
