@@ -6,11 +6,11 @@
 //!
 //! Attention: softmax(Q·Kᵀ·d^−½)·V per head (Vaswani et al. 2017, eq. 1).
 
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{GroupNorm, Linear, VarBuilder};
 
 use crate::control::{AttentionSite, ControlState};
-use crate::nn::{conv2d, gelu_erf, softmax_last_dim, LayerNorm};
+use crate::nn::{conv2d, softmax_last_dim, LayerNorm};
 
 /// diffusers `Attention` as used by SD-v1: bias-free q/k/v, `to_out.0` with bias.
 #[derive(Debug, Clone)]
@@ -98,7 +98,9 @@ impl CrossAttention {
             DType::F16 | DType::BF16 => (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?),
             _ => (q, k),
         };
-        let mut logits = (q.matmul(&k.t()?)? * self.scale)?;
+        // Scale q (Nq·d values) rather than the logits (Nq·Nk values): one pass fewer over
+        // the largest tensor of the layer.
+        let mut logits = (q * self.scale)?.matmul(&k.t()?)?;
         if let Some(c) = ctrl.as_deref_mut() {
             logits = c.edit_logits(&site, logits)?;
         }
@@ -123,7 +125,6 @@ impl CrossAttention {
 pub struct FeedForward {
     proj: Linear,
     out: Linear,
-    inner: usize,
 }
 
 impl FeedForward {
@@ -133,17 +134,14 @@ impl FeedForward {
         Ok(Self {
             proj: candle_nn::linear(dim, inner * 2, vb.pp("net.0.proj"))?,
             out: candle_nn::linear(inner, dim, vb.pp("net.2"))?,
-            inner,
         })
     }
 }
 
 impl Module for FeedForward {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let hg = self.proj.forward(x)?;
-        let h = hg.narrow(D::Minus1, 0, self.inner)?;
-        let g = hg.narrow(D::Minus1, self.inner, self.inner)?;
-        self.out.forward(&(h * gelu_erf(&g)?)?)
+        self.out
+            .forward(&crate::cpu_ops::geglu(&self.proj.forward(x)?)?)
     }
 }
 

@@ -17,6 +17,7 @@
 pub mod attention;
 pub mod clip;
 pub mod control;
+pub mod cpu_ops;
 pub mod ddim;
 pub mod error;
 pub mod nn;

@@ -55,19 +55,15 @@ impl Module for LayerNorm {
     }
 }
 
-/// Softmax over the last dimension; fused kernel for inference, composite (differentiable)
-/// ops when the input tracks gradients.
+/// Softmax over the last dimension: fused kernels for inference (the project's CPU kernel
+/// for f32), composite (differentiable) ops when the input tracks gradients.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if x.track_op() || x.dtype() == DType::F64 {
-        candle_nn::ops::softmax(x, D::Minus1)
-    } else {
-        candle_nn::ops::softmax_last_dim(x)
-    }
+    crate::cpu_ops::softmax_last_dim(x)
 }
 
 /// Exact GELU: x·Φ(x) = 0.5·x·(1 + erf(x/√2)) (torch.nn.functional.gelu default).
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    x.gelu_erf()
+    crate::cpu_ops::gelu_erf(x)
 }
 
 /// CLIP's QuickGELU: x·σ(1.702·x) (transformers `quick_gelu`).

@@ -22,8 +22,9 @@ use crate::noise::SplitMix64;
 enum Source {
     Mmap(MmapedSafetensors),
     Map(HashMap<String, Tensor>),
-    /// Random values: weights N(0, std²); tensors whose hint is a constant (norm scales and
-    /// biases) get 1 + 0.1·N / 0.1·N so normalisations are not trivial.
+    /// Random values: weights uniform with standard deviation `std` (uniform rather than
+    /// normal so that a full-size model initialises in seconds); tensors whose hint is a
+    /// constant (norm scales and biases) get 1 + 0.1·U / 0.1·U so normalisations are not trivial.
     Random {
         seed: u64,
         std: f64,
@@ -120,20 +121,15 @@ impl SimpleBackend for Backend {
             Source::Random { seed, std } => {
                 let mut rng = SplitMix64::new(name_seed(*seed, name));
                 let n = s.elem_count();
+                // Uniform on [−√3, √3] has unit variance.
+                let mut unit = move || ((rng.next_open01() * 2.0 - 1.0) * 3f64.sqrt()) as f32;
                 let v: Vec<f32> = match h {
                     Init::Const(c) => {
                         let base = c as f32;
                         let spread = if base == 0.0 || base == 1.0 { 0.1 } else { 0.0 };
-                        rng.normals(n)
-                            .into_iter()
-                            .map(|z| base + spread * z)
-                            .collect()
+                        (0..n).map(|_| base + spread * unit()).collect()
                     }
-                    _ => rng
-                        .normals(n)
-                        .into_iter()
-                        .map(|z| z * *std as f32)
-                        .collect(),
+                    _ => (0..n).map(|_| unit() * *std as f32).collect(),
                 };
                 Tensor::from_vec(v, s.clone(), &Device::Cpu)?
             }
@@ -234,8 +230,8 @@ impl Weights {
         Self::with_source(Source::Map(map), dtype, device, "in-memory tensors".into())
     }
 
-    /// Seeded random weights: each tensor N(0, std²) from a generator keyed by (seed, name);
-    /// norm scales 1 + 0.1·N, biases that default to 0 get 0.1·N.
+    /// Seeded random weights: each tensor uniform with standard deviation `std`, from a
+    /// generator keyed by (seed, name); norm scales 1 + 0.1·U, biases that default to 0 get 0.1·U.
     pub fn random(seed: u64, std: f64, dtype: DType, device: &Device) -> Self {
         Self::with_source(
             Source::Random { seed, std },
