@@ -8,11 +8,39 @@
 //! re-weight cross-attention), it takes one timestep per batch, it uses tanh-GELU where
 //! diffusers uses erf-GELU, its `DownBlock2D`/`UpBlock2D` ignore `norm_num_groups`, its fused
 //! softmax/LayerNorm silently cut gradients, its VAE hides the posterior moments and does not
-//! clamp logvar, and its CLIP takes token ids only. The building blocks below candle-nn level
-//! (Conv2d, Linear, GroupNorm, Embedding) are reused from candle-nn.
+//! clamp logvar, and its CLIP takes token ids only. Linear, GroupNorm and Embedding are reused
+//! from candle-nn; Conv2d, LayerNorm, softmax and GELU are the project's ([`nn`], [`cpu_ops`]).
+//!
+//! Typical use (a worker generating one image; on GPU build with `--features cuda` and use
+//! `Device::new_cuda(0)` with `DType::BF16`/`F16` — no nvcc is needed for the default build):
+//!
+//! ```no_run
+//! use defectforge_engine::{clip::ClipTextModel, ddim::DdimScheduler, noise::SeededNoise,
+//!     tokenizer::ClipTokenizer, unet::UNet2DConditionModel, vae::AutoencoderKL,
+//!     weights::read_json, DType, Device, NoiseSource, Tensor};
+//! # fn main() -> defectforge_engine::Result<()> {
+//! let (root, dev, dt) = (std::path::Path::new("sd15"), Device::Cpu, DType::F32);
+//! let unet = UNet2DConditionModel::load(&root.join("unet"), dt, &dev)?;
+//! let vae = AutoencoderKL::load(&root.join("vae"), dt, &dev)?;
+//! let clip = ClipTextModel::load(&root.join("text_encoder"), dt, &dev)?;
+//! let tok = ClipTokenizer::from_dir(&root.join("tokenizer"))?;
+//! let sched = DdimScheduler::new(read_json(&root.join("scheduler/scheduler_config.json"))?, 50, 0.0)?;
+//! let ids = Tensor::new(tok.encode("a scratch on a metal plate")?.as_slice(), &dev)?.unsqueeze(0)?;
+//! let ctx = clip.forward(&ids)?; // or clip.forward_embeds(spliced token embeddings)
+//! let mut noise = SeededNoise::new(42);
+//! let mut x = noise.randn(&(1, 4, 32, 32).into(), dt, &dev)?;
+//! for &t in sched.timesteps() {
+//!     // Pass `Some(&mut controller)` to read or re-weight cross-attention.
+//!     let eps = unet.forward_t(&x, t as f64, &ctx, None)?;
+//!     x = sched.step(&eps, t, &x, &mut noise)?.prev_sample;
+//! }
+//! let image = vae.decode(&(x / vae.config().scaling_factor)?)?; // [1, 3, 256, 256] in ~[-1, 1]
+//! # let _ = image; Ok(()) }
+//! ```
 //!
 //! Layout: [`unet`] (+ [`attention`], [`resnet`], [`control`]), [`vae`], [`clip`],
-//! [`tokenizer`], [`ddim`], [`noise`], [`weights`] (loading with tensor accounting), [`nn`].
+//! [`tokenizer`], [`ddim`], [`noise`], [`weights`] (loading with tensor accounting), [`nn`],
+//! [`cpu_ops`] (fused CPU kernels).
 
 pub mod attention;
 pub mod clip;
