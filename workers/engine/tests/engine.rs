@@ -409,3 +409,32 @@ fn sd15_configs_build_shapes() {
     let _ = VaeConfig::sd_v1_5();
     let _ = ClipConfig::sd_v1_5();
 }
+
+#[test]
+fn half_precision_follows_f32() {
+    // f16 on CPU exercises the half-precision paths used on GPU (bf16 has no CPU matmul).
+    let dev = Device::Cpu;
+    let x = randn(1, &[2, 4, 8, 8]);
+    let ctx = randn(2, &[2, 7, 12]);
+    let w32 = Weights::random(7, 0.05, DType::F32, &dev);
+    let w16 = Weights::random(7, 0.05, DType::F16, &dev);
+    let u32m = UNet2DConditionModel::from_weights(&w32, &unet_config()).unwrap();
+    let u16m = UNet2DConditionModel::from_weights(&w16, &unet_config()).unwrap();
+    let a = u32m.forward_t(&x, 400.0, &ctx, None).unwrap();
+    let b = u16m
+        .forward_t(
+            &x.to_dtype(DType::F16).unwrap(),
+            400.0,
+            &ctx.to_dtype(DType::F16).unwrap(),
+            None,
+        )
+        .unwrap();
+    assert_eq!(b.dtype(), DType::F16);
+    let b = b.to_dtype(DType::F32).unwrap();
+    let scale: f32 = a.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+    assert!(
+        max_abs_diff(&a, &b) < 2e-2 * scale.max(1.0),
+        "{} vs scale {scale}",
+        max_abs_diff(&a, &b)
+    );
+}

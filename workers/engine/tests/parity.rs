@@ -217,26 +217,38 @@ fn workspace_root() -> PathBuf {
 
 /// The fixtures root, or None when the variable is unset and the default does not exist.
 fn fixtures_root() -> Option<PathBuf> {
-    match std::env::var_os("DEFECTFORGE_FIXTURES") {
+    resolve_root(std::env::var_os("DEFECTFORGE_FIXTURES"), &workspace_root())
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// `DEFECTFORGE_FIXTURES` if set (it must exist), else `<workspace>/../shared/fixtures` if it
+/// exists, else None (a clone used outside this workspace: nothing to check).
+fn resolve_root(
+    var: Option<std::ffi::OsString>,
+    workspace: &Path,
+) -> Result<Option<PathBuf>, String> {
+    match var {
         Some(p) => {
             let p = PathBuf::from(p);
-            assert!(
-                p.is_dir(),
-                "DEFECTFORGE_FIXTURES={} is not a directory",
-                p.display()
-            );
-            Some(p)
+            if p.is_dir() {
+                Ok(Some(p))
+            } else {
+                Err(format!(
+                    "DEFECTFORGE_FIXTURES={} is not a directory",
+                    p.display()
+                ))
+            }
         }
         None => {
-            let p = workspace_root().join("../shared/fixtures");
+            let p = workspace.join("../shared/fixtures");
             if p.is_dir() {
-                Some(p)
+                Ok(Some(p))
             } else {
                 println!(
                     "parity: DEFECTFORGE_FIXTURES is unset and the default root {} does not exist; nothing to check",
                     p.display()
                 );
-                None
+                Ok(None)
             }
         }
     }
@@ -284,6 +296,16 @@ type Results = BTreeMap<(String, String), Outcome>;
 #[test]
 fn parity_all_fixtures() {
     let Some(root) = fixtures_root() else { return };
+    let failures = run_harness(&root);
+    assert!(
+        failures.is_empty(),
+        "parity failures:\n{}",
+        failures.join("\n")
+    );
+}
+
+/// Walks `root` and returns the failures (empty when everything is checked or pending).
+fn run_harness(root: &Path) -> Vec<String> {
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
         .unwrap_or_else(|e| panic!("{}: {e}", root.display()))
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -368,11 +390,44 @@ fn parity_all_fixtures() {
         "parity: {n_checked} checked, {n_input} inputs, {n_pending} pending, {} failures",
         failures.len()
     );
+    failures
+}
+
+#[test]
+fn harness_fails_on_unknown_kinds_unlisted_tensors_and_missing_roots() {
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir(root.path().join("mystery-x")).unwrap();
+    let ldm = root.path().join("tiny-ldm-z");
+    std::fs::create_dir(&ldm).unwrap();
+    let t = Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap();
+    let tensors: HashMap<String, Tensor> = [
+        ("bert.output".to_string(), t.clone()),
+        ("surprise".to_string(), t),
+    ]
+    .into();
+    candle_core::safetensors::save(&tensors, ldm.join("reference.safetensors")).unwrap();
+    let failures = run_harness(root.path());
     assert!(
-        failures.is_empty(),
-        "parity failures:\n{}",
-        failures.join("\n")
+        failures
+            .iter()
+            .any(|f| f.contains("mystery-x: unknown fixture kind")),
+        "{failures:?}"
     );
+    assert!(
+        failures
+            .iter()
+            .any(|f| f.contains("surprise: neither checked nor pending")),
+        "{failures:?}"
+    );
+    assert!(
+        !failures.iter().any(|f| f.contains("bert.output")),
+        "{failures:?}"
+    );
+    assert_eq!(failures.len(), 2, "{failures:?}");
+    // A root named by the variable must exist; an absent default root is a skip.
+    let missing = root.path().join("nowhere");
+    assert!(resolve_root(Some(missing.clone().into()), root.path()).is_err());
+    assert_eq!(resolve_root(None, &missing).unwrap(), None);
 }
 
 /// Checks a `tiny-sd*` directory (diffusers pipeline layout, see its README).
