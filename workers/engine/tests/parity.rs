@@ -306,7 +306,7 @@ fn parity_all_fixtures() {
 
 /// Walks `root` and returns the failures (empty when everything is checked or pending).
 fn run_harness(root: &Path) -> Vec<String> {
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(root)
         .unwrap_or_else(|e| panic!("{}: {e}", root.display()))
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.is_dir())
