@@ -438,3 +438,14 @@ fn half_precision_follows_f32() {
         max_abs_diff(&a, &b)
     );
 }
+
+#[test]
+fn odd_latent_sizes_upsample_to_the_skip_size() {
+    // 9×7 latents: the down path rounds up (9→5, 7→4), the up path must return to 9×7, as
+    // diffusers' `forward_upsample_size` does.
+    let (unet, _) = random_unet();
+    let x = randn(1, &[1, 4, 9, 7]);
+    let ctx = randn(2, &[1, 7, 12]);
+    let out = unet.forward_t(&x, 250.0, &ctx, None).unwrap();
+    assert_eq!(out.dims(), &[1, 4, 9, 7]);
+}
