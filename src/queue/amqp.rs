@@ -4,7 +4,7 @@
 //! broker's confirm under a timeout. No automatic connection recovery: a lost connection is
 //! reported to the caller, which reconnects within a bounded window or exits (pipeline.md §1.4).
 
-use super::{Acker, Consumer, Delivery, Depth, JobQueue, QueueError};
+use super::{Acker, Consumer, Delivery, Depth, JobQueue, QueueError, Selector};
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use lapin::options::{
@@ -12,7 +12,7 @@ use lapin::options::{
     BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
     QueueBindOptions, QueueDeclareOptions,
 };
-use lapin::publisher_confirm::Confirmation;
+use lapin::Confirmation;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use std::time::Duration;
@@ -249,7 +249,7 @@ fn header_u64(v: &AMQPValue) -> Option<u64> {
 }
 
 struct AmqpAcker {
-    acker: lapin::acker::Acker,
+    acker: lapin::Acker,
 }
 
 fn acked(op: &str, r: lapin::Result<bool>) -> Result<(), QueueError> {
@@ -348,7 +348,7 @@ impl JobQueue for AmqpQueue {
 
     async fn requeue_dead(
         &self,
-        select: &(dyn Fn(&[u8]) -> bool + Send + Sync),
+        select: &Selector<'_>,
     ) -> Result<u64, QueueError> {
         let ch = self.conn.create_channel().await.map_err(berr("opening a channel"))?;
         let dq = dead_queue(&self.cfg.queue);

@@ -1,7 +1,7 @@
 //! In-process queue for embedded mode (`defectforge run`): the same ack/requeue/dead-letter
 //! semantics as the AMQP queue, including a delivery limit, without a broker.
 
-use super::{Acker, Consumer, Delivery, Depth, JobQueue, QueueError};
+use super::{Acker, Consumer, Delivery, Depth, JobQueue, QueueError, Selector};
 use async_trait::async_trait;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -148,7 +148,7 @@ impl JobQueue for InProcQueue {
     }
     async fn requeue_dead(
         &self,
-        select: &(dyn Fn(&[u8]) -> bool + Send + Sync),
+        select: &Selector<'_>,
     ) -> Result<u64, QueueError> {
         let mut s = self.state.lock().expect("queue");
         let dead = std::mem::take(&mut s.dead);

@@ -69,6 +69,9 @@ pub struct Depth {
     pub dead: u64,
 }
 
+/// Chooses messages by body (a type alias keeps async_trait's lifetime rewriting away from it).
+pub type Selector<'a> = dyn Fn(&[u8]) -> bool + Send + Sync + 'a;
+
 #[async_trait]
 pub trait JobQueue: Send + Sync {
     /// Publishes messages, each confirmed by the broker before this returns.
@@ -78,7 +81,7 @@ pub trait JobQueue: Send + Sync {
     /// Moves dead-lettered messages accepted by `select` back to the work queue; returns how many.
     async fn requeue_dead(
         &self,
-        select: &(dyn Fn(&[u8]) -> bool + Send + Sync),
+        select: &Selector<'_>,
     ) -> Result<u64, QueueError>;
     async fn depth(&self) -> Result<Depth, QueueError>;
 }
