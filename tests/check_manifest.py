@@ -20,11 +20,11 @@ meta = pq.ParquetFile(parts[0], filesystem=fs).metadata.metadata
 assert meta[b"defectforge.manifest_version"] == b"1", meta
 con = duckdb.connect()
 con.register("m", table)
-dup = con.sql("select count(*) - count(distinct sample_id) from m").fetchone()[0]
+dup = con.execute("select count(*) - count(distinct sample_id) from m").fetchone()[0]
 assert dup == 0, f"{dup} duplicate sample ids"
-by_type = con.sql("select category, defect_type, count(*) from m group by 1, 2 order by 1, 2").fetchall()
+by_type = con.execute("select category, defect_type, count(*) from m group by 1, 2 order by 1, 2").fetchall()
 print("rows per type:", by_type)
-outside = con.sql("select max(mean_abs_change_outside) from m").fetchone()[0]
+outside = con.execute("select max(mean_abs_change_outside) from m").fetchone()[0]
 assert outside == 0, outside
 for row in table.select(["image_uri", "image_size", "image_sha256", "mask_uri", "mask_size", "mask_sha256"]).to_pylist():
     for kind in ("image", "mask"):

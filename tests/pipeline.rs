@@ -5,7 +5,6 @@
 mod common;
 
 use common::*;
-use defectforge::store::ObjectStore;
 use std::time::Duration;
 
 async fn demo_in_s3(sc: &Scenario) -> String {

@@ -149,7 +149,14 @@ impl S3Store {
         let uri = self.uri(key);
         let status = e.raw_response().map(|r| r.status().as_u16());
         let code = e.code().map(str::to_string);
-        let message = format!("{}", DisplayErrorContext(&e));
+        let message = brief(&e);
+        let full = format!("{}", DisplayErrorContext(&e));
+        if full.contains("loading credentials") || full.contains("no credentials") || full.contains("CredentialsNotLoaded") {
+            return StoreError::Auth {
+                uri,
+                message: format!("no usable AWS credentials ({message})"),
+            };
+        }
         match (&e, status, code.as_deref()) {
             (_, _, Some("NoSuchBucket")) => StoreError::NoBucket {
                 bucket: self.bucket.clone(),
@@ -234,6 +241,32 @@ impl S3Store {
     }
 }
 
+/// The error and its innermost cause, short enough for a log line or a failure record.
+fn brief(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut src = e.source();
+    let mut last = None;
+    while let Some(s) = src {
+        last = Some(s.to_string());
+        src = s.source();
+    }
+    if let Some(l) = last {
+        if !parts[0].contains(&l) {
+            parts.push(l);
+        }
+    }
+    let mut m = parts.join(": ");
+    if m.len() > 300 {
+        let mut cut = 300;
+        while !m.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        m.truncate(cut);
+        m.push('…');
+    }
+    m
+}
+
 fn to_chrono(t: Option<&aws_sdk_s3::primitives::DateTime>) -> chrono::DateTime<chrono::Utc> {
     t.and_then(|t| chrono::DateTime::from_timestamp(t.secs(), t.subsec_nanos()))
         .unwrap_or_else(chrono::Utc::now)
@@ -269,19 +302,31 @@ impl ObjectStore for S3Store {
 
     async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
         let full = self.full(key)?;
-        let out = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(&full)
-            .send()
-            .await
-            .map_err(|e| self.map_err(key, e))?;
-        let data = out.body.collect().await.map_err(|e| StoreError::Transient {
-            uri: self.uri(key),
-            message: format!("reading the body failed: {e}"),
-        })?;
-        Ok(data.into_bytes())
+        // A body that breaks off mid-stream is re-requested: the object itself is immutable.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let out = self
+                .client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(&full)
+                .send()
+                .await
+                .map_err(|e| self.map_err(key, e))?;
+            match out.body.collect().await {
+                Ok(data) => return Ok(data.into_bytes()),
+                Err(e) if tries < 3 => {
+                    tracing::debug!("re-reading {}: the body broke off ({e})", self.uri(key));
+                }
+                Err(e) => {
+                    return Err(StoreError::Transient {
+                        uri: self.uri(key),
+                        message: format!("reading the body failed: {}", brief(&e)),
+                    })
+                }
+            }
+        }
     }
 
     async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StoreError> {
