@@ -240,10 +240,8 @@ impl Walker {
             None => None,
             Some(toml::Value::Integer(i)) if *i >= min => Some(*i),
             Some(toml::Value::Integer(i)) => {
-                self.problems.push(format!(
-                    "{} must be >= {min} (got {i})",
-                    join(path, key)
-                ));
+                self.problems
+                    .push(format!("{} must be >= {min} (got {i})", join(path, key)));
                 None
             }
             Some(v) => {
@@ -326,7 +324,14 @@ impl Walker {
             }
         }
     }
-    fn range_u32(&mut self, t: &toml::Table, path: &str, key: &str, lo: i64, hi: i64) -> Option<[u32; 2]> {
+    fn range_u32(
+        &mut self,
+        t: &toml::Table,
+        path: &str,
+        key: &str,
+        lo: i64,
+        hi: i64,
+    ) -> Option<[u32; 2]> {
         let v = t.get(key)?;
         let p = join(path, key);
         match v.as_array().map(|a| a.as_slice()) {
@@ -398,8 +403,9 @@ fn check_location(w: &mut Walker, path: &str, loc: &str) {
     if let Some(rest) = loc.strip_prefix("s3://") {
         let bucket = rest.split('/').next().unwrap_or("");
         if bucket.is_empty() {
-            w.problems
-                .push(format!("{path}: {loc:?} names no bucket (write s3://bucket/prefix)"));
+            w.problems.push(format!(
+                "{path}: {loc:?} names no bucket (write s3://bucket/prefix)"
+            ));
         }
     } else if loc.contains("://") {
         w.problems.push(format!(
@@ -419,7 +425,13 @@ impl Campaign {
         })?;
         let base = path
             .parent()
-            .map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p })
+            .map(|p| {
+                if p.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    p
+                }
+            })
             .unwrap_or(Path::new("."));
         let base = std::fs::canonicalize(base).unwrap_or_else(|_| base.to_path_buf());
         Campaign::parse(&text, &base, &path.display().to_string())
@@ -448,11 +460,13 @@ impl Campaign {
         );
         let name = w.str_opt(&root, "", "name");
         if name.is_none() && !root.contains_key("name") {
-            w.problems.push("name: missing (a human-readable campaign name)".into());
+            w.problems
+                .push("name: missing (a human-readable campaign name)".into());
         }
         let seed = w.int_opt(&root, "", "seed", 0);
         if !root.contains_key("seed") {
-            w.problems.push("seed: missing (any non-negative integer)".into());
+            w.problems
+                .push("seed: missing (any non-negative integer)".into());
         }
         let shard_size = w.int_opt(&root, "", "shard_size", 1);
         if let Some(s) = shard_size {
@@ -520,10 +534,8 @@ impl Campaign {
                 Some(resolve_location(base, s))
             }
             Some(v) => {
-                w.problems.push(format!(
-                    "output: expected a string, got {}",
-                    v.type_str()
-                ));
+                w.problems
+                    .push(format!("output: expected a string, got {}", v.type_str()));
                 None
             }
         };
@@ -539,7 +551,8 @@ impl Campaign {
             None => {}
             Some(cats) => {
                 if cats.is_empty() {
-                    w.problems.push("categories: at least one category is needed".into());
+                    w.problems
+                        .push("categories: at least one category is needed".into());
                 }
                 for (cname, cv) in cats {
                     let cpath = format!("categories.{}", quote_key(cname));
@@ -638,8 +651,7 @@ impl Campaign {
 
 fn quote_key(k: &str) -> String {
     if !k.is_empty()
-        && k
-            .bytes()
+        && k.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
     {
         k.to_string()
@@ -670,10 +682,13 @@ fn parse_defect(
     );
     let count = w.int_opt(d, dpath, "count", 1);
     if !d.contains_key("count") {
-        w.problems
-            .push(format!("{dpath}.count: missing (how many samples of this type to generate)"));
+        w.problems.push(format!(
+            "{dpath}.count: missing (how many samples of this type to generate)"
+        ));
     }
-    let generator = w.str_opt(d, dpath, "generator").unwrap_or_else(|| "perlin".into());
+    let generator = w
+        .str_opt(d, dpath, "generator")
+        .unwrap_or_else(|| "perlin".into());
     if !KNOWN_GENERATORS.contains(&generator.as_str()) {
         w.problems.push(format!(
             "{dpath}.generator: unknown generator {generator:?} (expected one of: {})",
@@ -720,11 +735,16 @@ fn parse_defect(
     let mut settings = GeneratorSettings::default();
     if let Some(p) = w.table(d, dpath, "perlin") {
         let pp = format!("{dpath}.perlin");
-        w.unknown(p, &pp, &["opacity", "threshold", "scale_exp", "texture_dir"]);
+        w.unknown(
+            p,
+            &pp,
+            &["opacity", "threshold", "scale_exp", "texture_dir"],
+        );
         if let Some(o) = w.range_f32(p, &pp, "opacity", 0.0, 1.0) {
             if o[1] <= 0.0 {
-                w.problems
-                    .push(format!("{pp}.opacity: max must be > 0 so the anomaly is visible"));
+                w.problems.push(format!(
+                    "{pp}.opacity: max must be > 0 so the anomaly is visible"
+                ));
             }
             settings.perlin.opacity = o;
         }
@@ -741,7 +761,11 @@ fn parse_defect(
     }
     if let Some(c) = w.table(d, dpath, "cutpaste") {
         let cp = format!("{dpath}.cutpaste");
-        w.unknown(c, &cp, &["area", "aspect", "jitter", "scar_width", "scar_length"]);
+        w.unknown(
+            c,
+            &cp,
+            &["area", "aspect", "jitter", "scar_width", "scar_length"],
+        );
         if let Some(a) = w.range_f32(c, &cp, "area", 0.0005, 0.9) {
             settings.cutpaste.area = a;
         }

@@ -98,7 +98,10 @@ pub async fn resolve(c: &Campaign, s3: &S3Config) -> Result<DatasetInputs, Datas
                 MaskSource::Real => {
                     let test_dir = join_loc(root, &format!("{cname}/test/{dname}"));
                     let gt_dir = join_loc(root, &format!("{cname}/ground_truth/{dname}"));
-                    match (list_images(&test_dir, s3).await, list_images(&gt_dir, s3).await) {
+                    match (
+                        list_images(&test_dir, s3).await,
+                        list_images(&gt_dir, s3).await,
+                    ) {
                         (Ok(imgs), Ok(gts)) => {
                             if imgs.is_empty() {
                                 problems.push(format!(
@@ -146,7 +149,9 @@ pub async fn resolve(c: &Campaign, s3: &S3Config) -> Result<DatasetInputs, Datas
                         "{path}.perlin.texture_dir: no texture images in {t}"
                     )),
                     Ok(_) => {}
-                    Err(e) => problems.push(format!("{path}.perlin.texture_dir: cannot list {t}: {e}")),
+                    Err(e) => {
+                        problems.push(format!("{path}.perlin.texture_dir: cannot list {t}: {e}"))
+                    }
                 }
             }
             ci.defects.insert(dname.clone(), DefectInputs { masks });

@@ -37,7 +37,11 @@ fn carpet(seed: u64) -> RgbImage {
         let weave = ((xf * 0.8).sin() * (yf * 0.8).cos()) * 0.5 + 0.5;
         let n = value_noise(xf, yf, 6.0, seed) * 0.6 + value_noise(xf, yf, 23.0, seed + 1) * 0.4;
         let v = 0.55 * n + 0.45 * weave;
-        Rgb([(90.0 + 80.0 * v) as u8, (60.0 + 50.0 * v) as u8, (50.0 + 40.0 * v) as u8])
+        Rgb([
+            (90.0 + 80.0 * v) as u8,
+            (60.0 + 50.0 * v) as u8,
+            (50.0 + 40.0 * v) as u8,
+        ])
     })
 }
 
@@ -48,7 +52,11 @@ fn wood(seed: u64) -> RgbImage {
         let ring = ((yf + warp) * 0.35).sin() * 0.5 + 0.5;
         let grain = value_noise(xf * 0.2, yf * 4.0, 3.0, seed + 7);
         let v = 0.7 * ring + 0.3 * grain;
-        Rgb([(150.0 + 70.0 * v) as u8, (100.0 + 55.0 * v) as u8, (55.0 + 30.0 * v) as u8])
+        Rgb([
+            (150.0 + 70.0 * v) as u8,
+            (100.0 + 55.0 * v) as u8,
+            (55.0 + 30.0 * v) as u8,
+        ])
     })
 }
 
@@ -82,7 +90,11 @@ fn mask(kind: &str, seed: u64) -> GrayImage {
                 let (dx, dy) = (x as f32 - cx, y as f32 - cy);
                 let along = dx * ux + dy * uy;
                 let across = -dx * uy + dy * ux;
-                Luma([if along.abs() < len && across.abs() < 2.5 { 255 } else { 0 }])
+                Luma([if along.abs() < len && across.abs() < 2.5 {
+                    255
+                } else {
+                    0
+                }])
             })
         }
         _ => {
@@ -96,7 +108,11 @@ fn mask(kind: &str, seed: u64) -> GrayImage {
 }
 
 /// (category, maker, [(defect type, mask kind)])
-type Cat = (&'static str, fn(u64) -> RgbImage, &'static [(&'static str, &'static str)]);
+type Cat = (
+    &'static str,
+    fn(u64) -> RgbImage,
+    &'static [(&'static str, &'static str)],
+);
 const CATEGORIES: &[Cat] = &[
     ("carpet", carpet, &[("color", "blob"), ("cut", "line")]),
     ("wood", wood, &[("scratch", "line")]),
@@ -113,7 +129,10 @@ pub fn materialise(root: &Path) -> std::io::Result<()> {
     for (ci, (cat, make, defects)) in CATEGORIES.iter().enumerate() {
         let cseed = 1000 * ci as u64;
         for i in 0..8u64 {
-            save(&make(cseed + i), &root.join(format!("{cat}/train/good/{i:03}.png")))?;
+            save(
+                &make(cseed + i),
+                &root.join(format!("{cat}/train/good/{i:03}.png")),
+            )?;
         }
         for (di, (defect, kind)) in defects.iter().enumerate() {
             for i in 0..6u64 {
@@ -170,10 +189,20 @@ mod tests {
         let b = tempfile::tempdir().unwrap();
         materialise(a.path()).unwrap();
         materialise(b.path()).unwrap();
-        for rel in ["carpet/train/good/003.png", "wood/ground_truth/scratch/005_mask.png", "bottle/test/broken_large/000.png"] {
-            assert_eq!(std::fs::read(a.path().join(rel)).unwrap(), std::fs::read(b.path().join(rel)).unwrap(), "{rel}");
+        for rel in [
+            "carpet/train/good/003.png",
+            "wood/ground_truth/scratch/005_mask.png",
+            "bottle/test/broken_large/000.png",
+        ] {
+            assert_eq!(
+                std::fs::read(a.path().join(rel)).unwrap(),
+                std::fs::read(b.path().join(rel)).unwrap(),
+                "{rel}"
+            );
         }
-        let m = image::open(a.path().join("carpet/ground_truth/cut/000_mask.png")).unwrap().to_luma8();
+        let m = image::open(a.path().join("carpet/ground_truth/cut/000_mask.png"))
+            .unwrap()
+            .to_luma8();
         assert!(crate::imaging::mask_stats(&m).area > 50);
     }
 }

@@ -20,7 +20,9 @@ pub enum ImageError {
         iw: u32,
         ih: u32,
     },
-    #[error("mask {uri} is empty (no pixel above 127); a defect mask needs at least one defect pixel")]
+    #[error(
+        "mask {uri} is empty (no pixel above 127); a defect mask needs at least one defect pixel"
+    )]
     EmptyMask { uri: String },
     #[error("encoding PNG failed: {0}")]
     Encode(String),
@@ -66,7 +68,12 @@ pub fn encode_png_rgb(img: &RgbImage) -> Result<Vec<u8>, ImageError> {
         image::codecs::png::CompressionType::Fast,
         image::codecs::png::FilterType::Sub,
     )
-    .write_image(img.as_raw(), img.width(), img.height(), image::ExtendedColorType::Rgb8)
+    .write_image(
+        img.as_raw(),
+        img.width(),
+        img.height(),
+        image::ExtendedColorType::Rgb8,
+    )
     .map_err(|e| ImageError::Encode(e.to_string()))?;
     Ok(out)
 }
@@ -78,7 +85,12 @@ pub fn encode_png_gray(img: &GrayImage) -> Result<Vec<u8>, ImageError> {
         image::codecs::png::CompressionType::Fast,
         image::codecs::png::FilterType::Sub,
     )
-    .write_image(img.as_raw(), img.width(), img.height(), image::ExtendedColorType::L8)
+    .write_image(
+        img.as_raw(),
+        img.width(),
+        img.height(),
+        image::ExtendedColorType::L8,
+    )
     .map_err(|e| ImageError::Encode(e.to_string()))?;
     Ok(out)
 }
@@ -147,7 +159,13 @@ mod tests {
         let mut m = GrayImage::new(8, 6);
         m.put_pixel(2, 1, image::Luma([255]));
         m.put_pixel(5, 3, image::Luma([255]));
-        assert_eq!(mask_stats(&m), MaskStats { area: 2, bbox: (2, 1, 4, 3) });
+        assert_eq!(
+            mask_stats(&m),
+            MaskStats {
+                area: 2,
+                bbox: (2, 1, 4, 3)
+            }
+        );
         let n = RgbImage::from_pixel(8, 6, image::Rgb([10, 10, 10]));
         let mut o = n.clone();
         o.put_pixel(2, 1, image::Rgb([40, 10, 10]));
@@ -164,7 +182,11 @@ mod tests {
         let b = encode_png_rgb(&n).unwrap();
         assert_eq!(decode_rgb(&b, "normal image", "x.png").unwrap(), n);
         let e = decode_rgb(b"garbage", "normal image", "bad.png").unwrap_err();
-        assert!(e.to_string().contains("normal image bad.png cannot be decoded"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("normal image bad.png cannot be decoded"),
+            "{e}"
+        );
         let g = GrayImage::from_fn(4, 4, |x, _| image::Luma([if x > 1 { 200 } else { 100 }]));
         let m = decode_mask(&encode_png_gray(&g).unwrap(), "m.png").unwrap();
         assert_eq!(mask_stats(&m).area, 8);

@@ -60,6 +60,9 @@ mod tests {
     fn fragment_keys_round_trip() {
         let k = fragment("c-1", "0000003", "0190-ab");
         assert_eq!(parse_fragment_key("c-1", &k), Some(("0000003", "0190-ab")));
-        assert_eq!(parse_fragment_key("c-1", "campaigns/c-1/shards/x.json"), None);
+        assert_eq!(
+            parse_fragment_key("c-1", "campaigns/c-1/shards/x.json"),
+            None
+        );
     }
 }

@@ -77,7 +77,10 @@ pub struct FailureRecord {
     pub at: DateTime<Utc>,
 }
 
-pub async fn read_record(store: &dyn ObjectStore, cid: &str) -> Result<CampaignRecord, LedgerError> {
+pub async fn read_record(
+    store: &dyn ObjectStore,
+    cid: &str,
+) -> Result<CampaignRecord, LedgerError> {
     if !ids::is_safe_campaign_id(cid) {
         return Err(LedgerError::UnknownCampaign {
             id: cid.to_string(),
@@ -101,16 +104,26 @@ pub async fn read_record(store: &dyn ObjectStore, cid: &str) -> Result<CampaignR
     })
 }
 
-pub async fn write_record(store: &dyn ObjectStore, rec: &CampaignRecord) -> Result<(), LedgerError> {
+pub async fn write_record(
+    store: &dyn ObjectStore,
+    rec: &CampaignRecord,
+) -> Result<(), LedgerError> {
     let body = serde_json::to_vec_pretty(rec).expect("record serializes");
     store
-        .put(&layout::campaign_record(&rec.campaign_id), Bytes::from(body), "application/json")
+        .put(
+            &layout::campaign_record(&rec.campaign_id),
+            Bytes::from(body),
+            "application/json",
+        )
         .await?;
     Ok(())
 }
 
 /// Lists committed fragments by shard: shard id → attempts (sorted, earliest first).
-pub async fn fragments(store: &dyn ObjectStore, cid: &str) -> Result<BTreeMap<String, Vec<ObjectMeta>>, LedgerError> {
+pub async fn fragments(
+    store: &dyn ObjectStore,
+    cid: &str,
+) -> Result<BTreeMap<String, Vec<ObjectMeta>>, LedgerError> {
     let mut out: BTreeMap<String, Vec<ObjectMeta>> = BTreeMap::new();
     for m in store.list(&layout::shards_prefix(cid)).await? {
         if let Some((shard, _)) = layout::parse_fragment_key(cid, &m.key) {
@@ -123,13 +136,19 @@ pub async fn fragments(store: &dyn ObjectStore, cid: &str) -> Result<BTreeMap<St
     Ok(out)
 }
 
-pub async fn failures(store: &dyn ObjectStore, cid: &str) -> Result<Vec<FailureRecord>, LedgerError> {
+pub async fn failures(
+    store: &dyn ObjectStore,
+    cid: &str,
+) -> Result<Vec<FailureRecord>, LedgerError> {
     let mut out = vec![];
     for m in store.list(&layout::failures_prefix(cid)).await? {
         let b = store.get(&m.key).await?;
         match serde_json::from_slice::<FailureRecord>(&b) {
             Ok(f) => out.push(f),
-            Err(e) => tracing::warn!("ignoring unreadable failure record {}: {e}", store.uri(&m.key)),
+            Err(e) => tracing::warn!(
+                "ignoring unreadable failure record {}: {e}",
+                store.uri(&m.key)
+            ),
         }
     }
     Ok(out)
@@ -141,9 +160,14 @@ pub async fn is_cancelled(store: &dyn ObjectStore, cid: &str) -> Result<bool, St
 
 pub async fn cancel(store: &dyn ObjectStore, cid: &str, reason: &str) -> Result<(), LedgerError> {
     read_record(store, cid).await?;
-    let body = serde_json::json!({"campaign_id": cid, "cancelled_at": Utc::now(), "reason": reason});
+    let body =
+        serde_json::json!({"campaign_id": cid, "cancelled_at": Utc::now(), "reason": reason});
     store
-        .put(&layout::cancelled_marker(cid), Bytes::from(body.to_string()), "application/json")
+        .put(
+            &layout::cancelled_marker(cid),
+            Bytes::from(body.to_string()),
+            "application/json",
+        )
         .await?;
     Ok(())
 }
@@ -194,7 +218,9 @@ pub async fn status(store: &dyn ObjectStore, cid: &str) -> Result<Status, Ledger
         .map(|i| rec.shard_len(i))
         .sum();
     let finalized_rows = match store.get(&layout::manifest_index(cid)).await {
-        Ok(b) => serde_json::from_slice::<ManifestIndex>(&b).ok().map(|m| m.rows),
+        Ok(b) => serde_json::from_slice::<ManifestIndex>(&b)
+            .ok()
+            .map(|m| m.rows),
         Err(StoreError::NotFound { .. }) => None,
         Err(e) => return Err(e.into()),
     };
@@ -215,7 +241,10 @@ pub async fn status(store: &dyn ObjectStore, cid: &str) -> Result<Status, Ledger
 }
 
 /// Shards (by index) without a committed attempt.
-pub async fn uncommitted_shards(store: &dyn ObjectStore, rec: &CampaignRecord) -> Result<Vec<u64>, LedgerError> {
+pub async fn uncommitted_shards(
+    store: &dyn ObjectStore,
+    rec: &CampaignRecord,
+) -> Result<Vec<u64>, LedgerError> {
     let frags = fragments(store, &rec.campaign_id).await?;
     Ok((0..rec.shard_count)
         .filter(|i| !frags.contains_key(&ids::shard_id(*i)))
@@ -270,7 +299,10 @@ async fn choose_all<'a>(
             let mut attempts = frags.get(&shard).cloned().unwrap_or_default();
             // a previously chosen attempt stays chosen while it is valid
             if let Some(p) = prefer.get(&shard) {
-                if let Some(pos) = attempts.iter().position(|m| layout::parse_fragment_key(&rec.campaign_id, &m.key).map(|x| x.1) == Some(p.as_str())) {
+                if let Some(pos) = attempts.iter().position(|m| {
+                    layout::parse_fragment_key(&rec.campaign_id, &m.key).map(|x| x.1)
+                        == Some(p.as_str())
+                }) {
                     let m = attempts.remove(pos);
                     attempts.insert(0, m);
                 }
@@ -342,14 +374,19 @@ fn validate(
             .ok_or("no shard_id column")?;
         for i in 0..b.num_rows() {
             if cid.value(i) != rec.campaign_id || shd.value(i) != shard {
-                return Err(format!("row {i} belongs to {}/{}", cid.value(i), shd.value(i)));
+                return Err(format!(
+                    "row {i} belongs to {}/{}",
+                    cid.value(i),
+                    shd.value(i)
+                ));
             }
             got.push(sid.value(i).to_string());
         }
         if let Some(objs) = objects {
             for (iu, is, mu, ms) in manifest::object_refs(b) {
                 for (u, s) in [(iu, is), (mu, ms)] {
-                    let k = key_of(root, u).ok_or_else(|| format!("{u} is outside the output store {root}"))?;
+                    let k = key_of(root, u)
+                        .ok_or_else(|| format!("{u} is outside the output store {root}"))?;
                     match objs.get(k) {
                         Some(sz) if *sz == s => {}
                         Some(sz) => return Err(format!("{u} has {sz} bytes, the row says {s}")),
@@ -369,7 +406,10 @@ fn validate(
     Ok(())
 }
 
-async fn object_sizes(store: &dyn ObjectStore, cid: &str) -> Result<HashMap<String, u64>, LedgerError> {
+async fn object_sizes(
+    store: &dyn ObjectStore,
+    cid: &str,
+) -> Result<HashMap<String, u64>, LedgerError> {
     Ok(store
         .list(&layout::samples_prefix(cid))
         .await?
@@ -415,7 +455,10 @@ pub async fn finalize(
     } else {
         None
     };
-    let prefer = previous_index(store, cid).await.map(|m| m.chosen).unwrap_or_default();
+    let prefer = previous_index(store, cid)
+        .await
+        .map(|m| m.chosen)
+        .unwrap_or_default();
     let mut stream = Box::pin(choose_all(store, &rec, frags, objects.as_ref(), &prefer).await);
     let mut index = ManifestIndex {
         campaign_id: cid.to_string(),
@@ -434,7 +477,9 @@ pub async fn finalize(
     let flush = |batches: Vec<RecordBatch>, n: usize| async move {
         let body = manifest::write_batches(&batches)?;
         let key = layout::manifest_part(cid, n);
-        store.put(&key, Bytes::from(body), "application/vnd.apache.parquet").await?;
+        store
+            .put(&key, Bytes::from(body), "application/vnd.apache.parquet")
+            .await?;
         Ok::<String, LedgerError>(key)
     };
     while let Some(c) = stream.next().await {
@@ -454,7 +499,9 @@ pub async fn finalize(
                 }
                 if pending_rows >= opts.rows_per_part {
                     let n = index.parts.len();
-                    index.parts.push(flush(std::mem::take(&mut pending), n).await?);
+                    index
+                        .parts
+                        .push(flush(std::mem::take(&mut pending), n).await?);
                     pending_rows = 0;
                 }
             }
@@ -462,7 +509,9 @@ pub async fn finalize(
     }
     if pending_rows > 0 || index.parts.is_empty() {
         let n = index.parts.len();
-        index.parts.push(flush(std::mem::take(&mut pending), n).await?);
+        index
+            .parts
+            .push(flush(std::mem::take(&mut pending), n).await?);
     }
     let keep: HashSet<&String> = index.parts.iter().collect();
     for m in store.list(&layout::manifest_prefix(cid)).await? {
@@ -494,13 +543,24 @@ pub struct GcReport {
 
 /// Deletes sample objects no chosen attempt references and fragments that were not chosen, when
 /// older than the campaign's shard time limit (younger ones may belong to a running attempt).
-pub async fn gc(store: &dyn ObjectStore, cid: &str, dry_run: bool, now: DateTime<Utc>) -> Result<GcReport, LedgerError> {
+pub async fn gc(
+    store: &dyn ObjectStore,
+    cid: &str,
+    dry_run: bool,
+    now: DateTime<Utc>,
+) -> Result<GcReport, LedgerError> {
     let rec = read_record(store, cid).await?;
     let frags = fragments(store, cid).await?;
     let all_frags: Vec<ObjectMeta> = frags.values().flatten().cloned().collect();
     let objects_list = store.list(&layout::samples_prefix(cid)).await?;
-    let objects: HashMap<String, u64> = objects_list.iter().map(|m| (m.key.clone(), m.size)).collect();
-    let prefer = previous_index(store, cid).await.map(|m| m.chosen).unwrap_or_default();
+    let objects: HashMap<String, u64> = objects_list
+        .iter()
+        .map(|m| (m.key.clone(), m.size))
+        .collect();
+    let prefer = previous_index(store, cid)
+        .await
+        .map(|m| m.chosen)
+        .unwrap_or_default();
     let root = store.root_uri();
     let mut referenced: HashSet<String> = HashSet::new();
     let mut chosen_keys: HashSet<String> = HashSet::new();

@@ -135,8 +135,10 @@ pub fn to_batch(rows: &[ManifestRow]) -> Result<RecordBatch, ManifestError> {
     }
     fn t(rows: &[ManifestRow], f: impl Fn(&ManifestRow) -> DateTime<Utc>) -> ArrayRef {
         Arc::new(
-            TimestampMicrosecondArray::from_iter_values(rows.iter().map(|r| f(r).timestamp_micros()))
-                .with_timezone("UTC"),
+            TimestampMicrosecondArray::from_iter_values(
+                rows.iter().map(|r| f(r).timestamp_micros()),
+            )
+            .with_timezone("UTC"),
         )
     }
     let cols: Vec<ArrayRef> = vec![
@@ -200,7 +202,8 @@ pub fn write_batches(batches: &[RecordBatch]) -> Result<Vec<u8>, ManifestError> 
     let mut w = ArrowWriter::try_new(&mut buf, schema(), Some(props(128 * 1024)))
         .map_err(|e| ManifestError::Write(e.to_string()))?;
     for b in batches {
-        w.write(b).map_err(|e| ManifestError::Write(e.to_string()))?;
+        w.write(b)
+            .map_err(|e| ManifestError::Write(e.to_string()))?;
     }
     w.close().map_err(|e| ManifestError::Write(e.to_string()))?;
     Ok(buf)
@@ -315,7 +318,11 @@ pub(crate) fn example_row(i: u64) -> ManifestRow {
         mask_uri: format!("/o/campaigns/c-1/samples/{i}/a_mask.png"),
         normal_uri: "/d/carpet/train/good/000.png".into(),
         mask_source: "perlin".into(),
-        source_mask_uri: if i % 2 == 0 { None } else { Some("/m.png".into()) },
+        source_mask_uri: if i.is_multiple_of(2) {
+            None
+        } else {
+            Some("/m.png".into())
+        },
         generator: "perlin".into(),
         generator_version: "1".into(),
         model_digest: None,

@@ -76,17 +76,29 @@ impl ShardMessage {
             reason,
         };
         if !crate::ids::is_safe_campaign_id(&m.campaign_id) {
-            return Err(bad(format!("campaign id {:?} is not key-safe", m.campaign_id)));
+            return Err(bad(format!(
+                "campaign id {:?} is not key-safe",
+                m.campaign_id
+            )));
         }
         if m.shard_id.is_empty() || !m.shard_id.bytes().all(|c| c.is_ascii_digit()) {
-            return Err(bad(format!("shard id {:?} is not a shard number", m.shard_id)));
+            return Err(bad(format!(
+                "shard id {:?} is not a shard number",
+                m.shard_id
+            )));
         }
         for s in &m.samples {
             if s.type_idx as usize >= m.types.len() {
-                return Err(bad(format!("sample {} names type #{}", s.sample_id, s.type_idx)));
+                return Err(bad(format!(
+                    "sample {} names type #{}",
+                    s.sample_id, s.type_idx
+                )));
             }
             if s.sample_id.len() != 24 || !s.sample_id.bytes().all(|c| c.is_ascii_hexdigit()) {
-                return Err(bad(format!("sample id {:?} is not a 24-hex id", s.sample_id)));
+                return Err(bad(format!(
+                    "sample id {:?} is not a 24-hex id",
+                    s.sample_id
+                )));
             }
         }
         Ok(m)

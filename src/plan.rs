@@ -104,8 +104,7 @@ impl Plan {
     }
 
     fn type_of(&self, index: u64) -> usize {
-        self.types
-            .partition_point(|t| t.start + t.count <= index)
+        self.types.partition_point(|t| t.start + t.count <= index)
     }
 
     /// The sample with a global index.
@@ -192,7 +191,9 @@ mask = "perlin"
         let c = Campaign::parse(&text, Path::new("/"), "t.toml").unwrap();
         let mut inputs = DatasetInputs::default();
         let mut ci = CategoryInputs {
-            normals: (0..5).map(|i| format!("/d/carpet/train/good/{i:03}.png")).collect(),
+            normals: (0..5)
+                .map(|i| format!("/d/carpet/train/good/{i:03}.png"))
+                .collect(),
             ..Default::default()
         };
         ci.defects.insert(
@@ -229,7 +230,10 @@ mask = "perlin"
                 }
             }
             assert_eq!(
-                m.samples.iter().map(|s| s.sample_id.clone()).collect::<Vec<_>>(),
+                m.samples
+                    .iter()
+                    .map(|s| s.sample_id.clone())
+                    .collect::<Vec<_>>(),
                 a.shard_sample_ids(s)
             );
         }

@@ -51,7 +51,11 @@ where
             Ok(v) => return Ok(v),
             Err(e) if is_transient(&e) && n < policy.attempts => {
                 let d = policy.delay(n);
-                tracing::warn!(attempt = n, delay_ms = d.as_millis() as u64, "{what} failed, retrying: {e}");
+                tracing::warn!(
+                    attempt = n,
+                    delay_ms = d.as_millis() as u64,
+                    "{what} failed, retrying: {e}"
+                );
                 tokio::time::sleep(d).await;
                 n += 1;
             }
@@ -73,25 +77,44 @@ mod tests {
             max: Duration::from_millis(2),
         };
         let calls = AtomicU32::new(0);
-        let r: Result<u32, String> = retry(p, "x", |e: &String| e == "t", || async {
-            let n = calls.fetch_add(1, Ordering::SeqCst);
-            if n < 2 { Err("t".to_string()) } else { Ok(n) }
-        })
+        let r: Result<u32, String> = retry(
+            p,
+            "x",
+            |e: &String| e == "t",
+            || async {
+                let n = calls.fetch_add(1, Ordering::SeqCst);
+                if n < 2 {
+                    Err("t".to_string())
+                } else {
+                    Ok(n)
+                }
+            },
+        )
         .await;
         assert_eq!(r, Ok(2));
         calls.store(0, Ordering::SeqCst);
-        let r: Result<u32, String> = retry(p, "x", |e: &String| e == "t", || async {
-            calls.fetch_add(1, Ordering::SeqCst);
-            Err("p".to_string())
-        })
+        let r: Result<u32, String> = retry(
+            p,
+            "x",
+            |e: &String| e == "t",
+            || async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Err("p".to_string())
+            },
+        )
         .await;
         assert_eq!(r, Err("p".into()));
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         calls.store(0, Ordering::SeqCst);
-        let _: Result<u32, String> = retry(p, "x", |_| true, || async {
-            calls.fetch_add(1, Ordering::SeqCst);
-            Err("t".to_string())
-        })
+        let _: Result<u32, String> = retry(
+            p,
+            "x",
+            |_| true,
+            || async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Err("t".to_string())
+            },
+        )
         .await;
         assert_eq!(calls.load(Ordering::SeqCst), 4);
         assert!(p.delay(10) <= Duration::from_millis(2));

@@ -12,7 +12,9 @@ struct RestoreBroker;
 impl Drop for RestoreBroker {
     fn drop(&mut self) {
         let _ = Command::new("rabbitmqctl").arg("start_app").status();
-        let _ = Command::new("rabbitmqctl").args(["await_startup", "--timeout", "60"]).status();
+        let _ = Command::new("rabbitmqctl")
+            .args(["await_startup", "--timeout", "60"])
+            .status();
     }
 }
 
@@ -22,20 +24,49 @@ async fn campaign_survives_a_broker_restart() {
     let local = sc.dir.path().join("dataset");
     defectforge::demo::materialise(&local).unwrap();
     let output = sc.s3_uri("out");
-    let camp = sc.write("c.toml", &demo_campaign("restart", 21, local.to_str().unwrap(), &output, 75, 4, None));
-    let cid = sc.ok(&["submit", camp.to_str().unwrap()]).trim().to_string();
+    let camp = sc.write(
+        "c.toml",
+        &demo_campaign("restart", 21, local.to_str().unwrap(), &output, 75, 4, None),
+    );
+    let cid = sc
+        .ok(&["submit", camp.to_str().unwrap()])
+        .trim()
+        .to_string();
     let mut w1 = sc.worker("a", &["--reconnect-window-s", "120"]);
     let mut w2 = sc.worker("b", &["--reconnect-window-s", "120"]);
-    sc.wait_status(&cid, &output, Duration::from_secs(300), |v| v["committed"].as_u64().unwrap_or(0) >= 20);
+    sc.wait_status(&cid, &output, Duration::from_secs(300), |v| {
+        v["committed"].as_u64().unwrap_or(0) >= 20
+    });
     {
         let _guard = RestoreBroker;
-        assert!(Command::new("rabbitmqctl").arg("stop_app").status().unwrap().success());
+        assert!(Command::new("rabbitmqctl")
+            .arg("stop_app")
+            .status()
+            .unwrap()
+            .success());
         std::thread::sleep(Duration::from_secs(5));
         // workers wait for the broker instead of exiting
-        assert!(w1.try_wait().unwrap().is_none(), "worker a exited: {}", sc.worker_log("a"));
-        assert!(w2.try_wait().unwrap().is_none(), "worker b exited: {}", sc.worker_log("b"));
+        assert!(
+            w1.try_wait().unwrap().is_none(),
+            "worker a exited: {}",
+            sc.worker_log("a")
+        );
+        assert!(
+            w2.try_wait().unwrap().is_none(),
+            "worker b exited: {}",
+            sc.worker_log("b")
+        );
     }
-    sc.ok(&["watch", &cid, "--output", &output, "--interval-s", "0.5", "--timeout-s", "600"]);
+    sc.ok(&[
+        "watch",
+        &cid,
+        "--output",
+        &output,
+        "--interval-s",
+        "0.5",
+        "--timeout-s",
+        "600",
+    ]);
     assert_eq!(kill_term(&mut w1), Some(0), "{}", sc.worker_log("a"));
     assert_eq!(kill_term(&mut w2), Some(0), "{}", sc.worker_log("b"));
     assert!(sc.worker_log("a").contains("reconnect") || sc.worker_log("b").contains("reconnect"));
@@ -56,6 +87,9 @@ fn a_worker_gives_up_after_its_reconnect_window() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let e = String::from_utf8_lossy(&out.stderr);
-    assert!(e.contains("unreachable for 3 s") && e.contains("supervisor restarts"), "{e}");
+    assert!(
+        e.contains("unreachable for 3 s") && e.contains("supervisor restarts"),
+        "{e}"
+    );
     assert!(t0.elapsed() < Duration::from_secs(30));
 }

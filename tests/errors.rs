@@ -21,34 +21,77 @@ async fn unavailable_services_and_bad_campaigns_fail_cleanly() {
     let local = sc.dir.path().join("dataset");
     defectforge::demo::materialise(&local).unwrap();
     let output = sc.s3_uri("out");
-    let good = sc.write("good.toml", &demo_campaign("errs", 1, local.to_str().unwrap(), &output, 4, 4, None));
+    let good = sc.write(
+        "good.toml",
+        &demo_campaign("errs", 1, local.to_str().unwrap(), &output, 4, 4, None),
+    );
     let good = good.to_str().unwrap();
 
     // broker unreachable
-    let o = sc.cmd("defectforge").args(["submit", good]).env("DEFECTFORGE_AMQP_URL", "amqp://guest:hunter2@127.0.0.1:1/%2f").env("DEFECTFORGE_AMQP_TIMEOUT_S", "5").output().unwrap();
+    let o = sc
+        .cmd("defectforge")
+        .args(["submit", good])
+        .env(
+            "DEFECTFORGE_AMQP_URL",
+            "amqp://guest:hunter2@127.0.0.1:1/%2f",
+        )
+        .env("DEFECTFORGE_AMQP_TIMEOUT_S", "5")
+        .output()
+        .unwrap();
     assert!(!o.status.success());
     let e = stderr(&o);
-    assert!(e.contains("cannot connect to the broker at amqp://guest:****@127.0.0.1:1"), "{e}");
+    assert!(
+        e.contains("cannot connect to the broker at amqp://guest:****@127.0.0.1:1"),
+        "{e}"
+    );
     assert!(!e.contains("hunter2"), "password leaked: {e}");
     assert_nothing_written(&sc, &output).await;
 
     // wrong S3 credentials
-    let o = sc.cmd("defectforge").args(["submit", good]).env("AWS_SECRET_ACCESS_KEY", "0000000000000000000000000000000000000000000000000000000000000000").output().unwrap();
+    let o = sc
+        .cmd("defectforge")
+        .args(["submit", good])
+        .env(
+            "AWS_SECRET_ACCESS_KEY",
+            "0000000000000000000000000000000000000000000000000000000000000000",
+        )
+        .output()
+        .unwrap();
     assert!(!o.status.success());
     let e = stderr(&o);
-    assert!(e.contains("access denied") && e.contains("AWS_ACCESS_KEY_ID"), "{e}");
+    assert!(
+        e.contains("access denied") && e.contains("AWS_ACCESS_KEY_ID"),
+        "{e}"
+    );
     assert!(!e.contains(&sc.s.secret_key));
     assert_nothing_written(&sc, &output).await;
 
     // missing bucket
-    let nob = sc.write("nobucket.toml", &demo_campaign("errs", 1, local.to_str().unwrap(), "s3://no-such-bucket-here/x", 4, 4, None));
+    let nob = sc.write(
+        "nobucket.toml",
+        &demo_campaign(
+            "errs",
+            1,
+            local.to_str().unwrap(),
+            "s3://no-such-bucket-here/x",
+            4,
+            4,
+            None,
+        ),
+    );
     let o = sc.cli(&["submit", nob.to_str().unwrap()]);
     assert!(!o.status.success());
     let e = stderr(&o);
-    assert!(e.contains("bucket \"no-such-bucket-here\" does not exist"), "{e}");
+    assert!(
+        e.contains("bucket \"no-such-bucket-here\" does not exist"),
+        "{e}"
+    );
 
     // malformed campaign: every problem at once, with key paths
-    let bad = sc.write("bad.toml", &format!(r#"
+    let bad = sc.write(
+        "bad.toml",
+        &format!(
+            r#"
 name = "bad"
 seed = 1
 shard_size = 0
@@ -62,11 +105,20 @@ count = 3
 [categories.carpet.defects.color]
 count = -2
 generator = "stable-diffusion-xl"
-"#, d = local.display()));
+"#,
+            d = local.display()
+        ),
+    );
     let o = sc.cli(&["submit", bad.to_str().unwrap()]);
     assert!(!o.status.success());
     let e = stderr(&o);
-    for needle in ["shard_size must be >= 1", "categories.\"../../escape\": category name", "defects.\"a b\": defect type name", "categories.carpet.defects.color.count must be >= 1", "unknown generator \"stable-diffusion-xl\""] {
+    for needle in [
+        "shard_size must be >= 1",
+        "categories.\"../../escape\": category name",
+        "defects.\"a b\": defect type name",
+        "categories.carpet.defects.color.count must be >= 1",
+        "unknown generator \"stable-diffusion-xl\"",
+    ] {
         assert!(e.contains(needle), "missing {needle:?} in {e}");
     }
     let o = sc.cli(&["plan", bad.to_str().unwrap()]);
@@ -74,9 +126,16 @@ generator = "stable-diffusion-xl"
     // a TOML syntax error names the file and the line
     let syn = sc.write("syntax.toml", "name = \"x\"\nseed = [1,\n");
     let o = sc.cli(&["plan", syn.to_str().unwrap()]);
-    assert!(!o.status.success() && stderr(&o).contains("syntax.toml") && stderr(&o).contains("not valid TOML"));
+    assert!(
+        !o.status.success()
+            && stderr(&o).contains("syntax.toml")
+            && stderr(&o).contains("not valid TOML")
+    );
     // a defect type without real masks in the dataset
-    let nomask = sc.write("nomask.toml", &format!(r#"
+    let nomask = sc.write(
+        "nomask.toml",
+        &format!(
+            r#"
 name = "nomask"
 seed = 1
 output = "{output}"
@@ -84,9 +143,17 @@ output = "{output}"
 source = "{d}"
 [categories.carpet.defects.stain]
 count = 3
-"#, d = local.display()));
+"#,
+            d = local.display()
+        ),
+    );
     let o = sc.cli(&["plan", nomask.to_str().unwrap()]);
-    assert!(!o.status.success() && stderr(&o).contains("categories.carpet.defects.stain: no defect images"), "{}", stderr(&o));
+    assert!(
+        !o.status.success()
+            && stderr(&o).contains("categories.carpet.defects.stain: no defect images"),
+        "{}",
+        stderr(&o)
+    );
     assert_nothing_written(&sc, &output).await;
 
     // status of an unknown campaign
@@ -100,11 +167,16 @@ async fn a_wrong_size_mask_fails_with_a_clear_record_and_the_rest_completes() {
     let data = sc.dir.path().join("data");
     std::fs::create_dir_all(data.join("good")).unwrap();
     std::fs::create_dir_all(data.join("masks")).unwrap();
-    image::RgbImage::from_pixel(64, 64, image::Rgb([100, 120, 140])).save(data.join("good/000.png")).unwrap();
+    image::RgbImage::from_pixel(64, 64, image::Rgb([100, 120, 140]))
+        .save(data.join("good/000.png"))
+        .unwrap();
     let m = image::GrayImage::from_fn(32, 32, |x, _| image::Luma([if x < 8 { 255 } else { 0 }]));
     m.save(data.join("masks/small_mask.png")).unwrap();
     let out_dir = sc.dir.path().join("out");
-    let camp = sc.write("c.toml", &format!(r#"
+    let camp = sc.write(
+        "c.toml",
+        &format!(
+            r#"
 name = "masksize"
 seed = 3
 shard_size = 4
@@ -122,15 +194,31 @@ mask_dir = "{d}/masks"
 count = 4
 generator = "cutpaste"
 mask = "scar"
-"#, d = data.display(), o = out_dir.display()));
+"#,
+            d = data.display(),
+            o = out_dir.display()
+        ),
+    );
     let o = sc.cli(&["run", camp.to_str().unwrap(), "--workers", "1"]);
-    assert_eq!(o.status.code(), Some(1), "a run with failed samples must exit non-zero");
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "a run with failed samples must exit non-zero"
+    );
     let e = stderr(&o);
-    assert!(e.contains("small_mask.png is 32x32 but the normal image") && e.contains("is 64x64"), "{e}");
+    assert!(
+        e.contains("small_mask.png is 32x32 but the normal image") && e.contains("is 64x64"),
+        "{e}"
+    );
     // the good shard is committed and finalized; the bad one has a failure record
     let st = defectforge::store::LocalStore::new(&out_dir);
-    let status: serde_json::Value = serde_json::from_str(&sc.ok(&["status", camp.to_str().unwrap(), "--json"])).unwrap();
-    assert_eq!((status["committed"].as_u64(), status["failed"].as_u64()), (Some(4), Some(4)), "{status}");
+    let status: serde_json::Value =
+        serde_json::from_str(&sc.ok(&["status", camp.to_str().unwrap(), "--json"])).unwrap();
+    assert_eq!(
+        (status["committed"].as_u64(), status["failed"].as_u64()),
+        (Some(4), Some(4)),
+        "{status}"
+    );
     let cid = status["campaign_id"].as_str().unwrap();
     let rows = manifest_rows(&st, cid).await;
     assert_eq!(rows.len(), 4);
@@ -147,6 +235,10 @@ fn hostile_names_never_reach_object_keys() {
     assert!(!defectforge::campaign::is_safe_name("a/b"));
     assert!(!defectforge::campaign::is_safe_name("tab\there"));
     assert!(check_key("campaigns/../../etc/passwd").is_err());
-    let k = defectforge::layout::sample_image("c-1", &defectforge::ids::sample_id(1, 2), &defectforge::ids::new_attempt_id());
+    let k = defectforge::layout::sample_image(
+        "c-1",
+        &defectforge::ids::sample_id(1, 2),
+        &defectforge::ids::new_attempt_id(),
+    );
     assert!(check_key(&k).is_ok() && k.starts_with("campaigns/c-1/samples/"));
 }

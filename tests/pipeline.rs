@@ -21,7 +21,10 @@ async fn two_workers_produce_every_planned_sample_exactly_once() {
     let sc = Scenario::new("e2e");
     let dataset = demo_in_s3(&sc).await;
     let output = sc.s3_uri("out");
-    let camp = sc.write("c.toml", &demo_campaign("e2e", 11, &dataset, &output, 60, 8, None));
+    let camp = sc.write(
+        "c.toml",
+        &demo_campaign("e2e", 11, &dataset, &output, 60, 8, None),
+    );
     let c = camp.to_str().unwrap();
     let plan = sc.ok(&["plan", c, "--json"]);
     let plan: serde_json::Value = serde_json::from_str(&plan).unwrap();
@@ -31,9 +34,28 @@ async fn two_workers_produce_every_planned_sample_exactly_once() {
     assert_eq!(cid, plan["campaign_id"].as_str().unwrap());
     let mut w1 = sc.worker("a", &[]);
     let mut w2 = sc.worker("b", &["--concurrency", "2"]);
-    sc.ok(&["watch", &cid, "--output", &output, "--interval-s", "0.5", "--timeout-s", "600"]);
-    assert_eq!(kill_term(&mut w1), Some(0), "worker a: {}", sc.worker_log("a"));
-    assert_eq!(kill_term(&mut w2), Some(0), "worker b: {}", sc.worker_log("b"));
+    sc.ok(&[
+        "watch",
+        &cid,
+        "--output",
+        &output,
+        "--interval-s",
+        "0.5",
+        "--timeout-s",
+        "600",
+    ]);
+    assert_eq!(
+        kill_term(&mut w1),
+        Some(0),
+        "worker a: {}",
+        sc.worker_log("a")
+    );
+    assert_eq!(
+        kill_term(&mut w2),
+        Some(0),
+        "worker b: {}",
+        sc.worker_log("b")
+    );
     sc.ok(&["finalize", &cid, "--output", &output]);
     let st = sc.store(&output).await;
     let rows = verify_campaign(st.as_ref(), &cid, 11, 240, &sc.s3()).await;
@@ -41,8 +63,17 @@ async fn two_workers_produce_every_planned_sample_exactly_once() {
     let workers: std::collections::BTreeSet<_> = rows.iter().map(|r| r.worker_id.clone()).collect();
     assert!(workers.len() >= 2, "{workers:?}");
     assert!(rows.iter().all(|r| r.normal_uri.starts_with(&dataset)));
-    let status: serde_json::Value = serde_json::from_str(&sc.ok(&["status", &cid, "--output", &output, "--json"])).unwrap();
-    assert_eq!((status["planned"].as_u64(), status["committed"].as_u64(), status["failed"].as_u64(), status["dead"].as_u64()), (Some(240), Some(240), Some(0), Some(0)));
+    let status: serde_json::Value =
+        serde_json::from_str(&sc.ok(&["status", &cid, "--output", &output, "--json"])).unwrap();
+    assert_eq!(
+        (
+            status["planned"].as_u64(),
+            status["committed"].as_u64(),
+            status["failed"].as_u64(),
+            status["dead"].as_u64()
+        ),
+        (Some(240), Some(240), Some(0), Some(0))
+    );
     assert_eq!(status["finalized_rows"], 240);
     // a data scientist reads the manifest from S3 with pyarrow and DuckDB and joins it to the objects
     let prefix = format!("{}/out/campaigns/{cid}", sc.prefix);
@@ -53,9 +84,18 @@ async fn two_workers_produce_every_planned_sample_exactly_once() {
         .env("AWS_SECRET_ACCESS_KEY", &sc.s.secret_key)
         .output()
         .unwrap();
-    assert!(out.status.success(), "python readers: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "python readers: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     // credentials never appear in logs or status output
-    for text in [sc.worker_log("a"), sc.worker_log("b"), serde_json::to_string(&status).unwrap()] {
+    for text in [
+        sc.worker_log("a"),
+        sc.worker_log("b"),
+        serde_json::to_string(&status).unwrap(),
+    ] {
         assert!(!text.contains(&sc.s.secret_key), "secret key leaked");
     }
     // gc keeps everything the manifest references
@@ -71,15 +111,35 @@ async fn a_worker_killed_mid_campaign_loses_and_duplicates_nothing() {
     let local = sc.dir.path().join("dataset");
     defectforge::demo::materialise(&local).unwrap();
     let output = sc.s3_uri("out");
-    let camp = sc.write("c.toml", &demo_campaign("kill9", 12, local.to_str().unwrap(), &output, 100, 4, None));
-    let cid = sc.ok(&["submit", camp.to_str().unwrap()]).trim().to_string();
+    let camp = sc.write(
+        "c.toml",
+        &demo_campaign("kill9", 12, local.to_str().unwrap(), &output, 100, 4, None),
+    );
+    let cid = sc
+        .ok(&["submit", camp.to_str().unwrap()])
+        .trim()
+        .to_string();
     let mut w1 = sc.worker("victim", &[]);
-    let at_kill = sc.wait_status(&cid, &output, Duration::from_secs(300), |v| v["committed"].as_u64().unwrap_or(0) > 0);
+    let at_kill = sc.wait_status(&cid, &output, Duration::from_secs(300), |v| {
+        v["committed"].as_u64().unwrap_or(0) > 0
+    });
     w1.kill().unwrap(); // SIGKILL: no chance to finish, ack or clean up
     w1.wait().unwrap();
-    assert!(at_kill["committed"].as_u64().unwrap() < 400, "the victim finished before it could be killed");
+    assert!(
+        at_kill["committed"].as_u64().unwrap() < 400,
+        "the victim finished before it could be killed"
+    );
     let mut w2 = sc.worker("rescuer", &[]);
-    sc.ok(&["watch", &cid, "--output", &output, "--interval-s", "0.5", "--timeout-s", "600"]);
+    sc.ok(&[
+        "watch",
+        &cid,
+        "--output",
+        &output,
+        "--interval-s",
+        "0.5",
+        "--timeout-s",
+        "600",
+    ]);
     assert_eq!(kill_term(&mut w2), Some(0));
     sc.ok(&["finalize", &cid, "--output", &output]);
     let st = sc.store(&output).await;
@@ -115,7 +175,18 @@ async fn a_shard_run_twice_at_once_yields_one_row_per_sample() {
     let local = sc.dir.path().join("dataset");
     defectforge::demo::materialise(&local).unwrap();
     let output = sc.s3_uri("out");
-    let camp = sc.write("c.toml", &demo_campaign("dup", 13, local.to_str().unwrap(), &output, 4, 16, Some("attempt-noise")));
+    let camp = sc.write(
+        "c.toml",
+        &demo_campaign(
+            "dup",
+            13,
+            local.to_str().unwrap(),
+            &output,
+            4,
+            16,
+            Some("attempt-noise"),
+        ),
+    );
     // plan + record through the library; deliver the one shard twice
     let c = defectforge::Campaign::load(&camp).unwrap();
     let inputs = defectforge::dataset::resolve(&c, &sc.s3()).await.unwrap();
@@ -135,7 +206,9 @@ async fn a_shard_run_twice_at_once_yields_one_row_per_sample() {
         counts: plan.counts(),
         spec: plan.campaign.clone(),
     };
-    defectforge::ledger::write_record(st.as_ref(), &rec).await.unwrap();
+    defectforge::ledger::write_record(st.as_ref(), &rec)
+        .await
+        .unwrap();
     let q = InProcQueue::new(5);
     let body = plan.shard(0).to_bytes();
     q.publish(vec![body.clone(), body]).await.unwrap();
@@ -143,39 +216,83 @@ async fn a_shard_run_twice_at_once_yields_one_row_per_sample() {
     let mk = |id: &str| {
         let mut g = defectforge_worker::generators::registry();
         g.insert("attempt-noise", Arc::new(Rendezvous(barrier.clone())));
-        Arc::new(Worker::with_generators(WorkerConfig { worker_id: id.into(), s3: sc.s3(), ..Default::default() }, g))
+        Arc::new(Worker::with_generators(
+            WorkerConfig {
+                worker_id: id.into(),
+                s3: sc.s3(),
+                ..Default::default()
+            },
+            g,
+        ))
     };
     let (wa, wb) = (mk("dup-a"), mk("dup-b"));
     let mut ca = q.consume(1).await.unwrap();
     let mut cb = q.consume(1).await.unwrap();
-    let (da, db) = (ca.next().await.unwrap().unwrap(), cb.next().await.unwrap().unwrap());
+    let (da, db) = (
+        ca.next().await.unwrap().unwrap(),
+        cb.next().await.unwrap().unwrap(),
+    );
     let (ra, rb) = tokio::join!(wa.handle(da), wb.handle(db));
     assert_eq!(ra.unwrap(), Outcome::Committed { samples: 16 });
     assert_eq!(rb.unwrap(), Outcome::Committed { samples: 16 });
-    let frags = defectforge::ledger::fragments(st.as_ref(), &plan.campaign_id).await.unwrap();
+    let frags = defectforge::ledger::fragments(st.as_ref(), &plan.campaign_id)
+        .await
+        .unwrap();
     assert_eq!(frags["0000000"].len(), 2, "both attempts committed");
-    let idx = defectforge::ledger::finalize(st.as_ref(), &plan.campaign_id, Default::default(), &|_, _| {}).await.unwrap();
+    let idx = defectforge::ledger::finalize(
+        st.as_ref(),
+        &plan.campaign_id,
+        Default::default(),
+        &|_, _| {},
+    )
+    .await
+    .unwrap();
     assert_eq!((idx.rows, idx.unused_attempts), (16, 1));
     let rows = verify_campaign(st.as_ref(), &plan.campaign_id, 13, 16, &sc.s3()).await;
     assert!(rows.iter().all(|r| r.attempt == idx.chosen["0000000"]));
     // the losing attempt's objects exist, differ, and are what gc removes once old enough
-    let all = st.list(&defectforge::layout::samples_prefix(&plan.campaign_id)).await.unwrap();
+    let all = st
+        .list(&defectforge::layout::samples_prefix(&plan.campaign_id))
+        .await
+        .unwrap();
     assert_eq!(all.len(), 64);
     let later = chrono::Utc::now() + chrono::Duration::seconds(121);
-    let rep = defectforge::ledger::gc(st.as_ref(), &plan.campaign_id, false, later).await.unwrap();
+    let rep = defectforge::ledger::gc(st.as_ref(), &plan.campaign_id, false, later)
+        .await
+        .unwrap();
     assert_eq!((rep.deleted_objects, rep.deleted_fragments), (32, 1));
     verify_campaign(st.as_ref(), &plan.campaign_id, 13, 16, &sc.s3()).await;
 
     // The same through the broker: every shard published twice, two worker processes.
     let sc2 = Scenario::new("dup2");
     let output2 = sc2.s3_uri("out");
-    let camp2 = sc2.write("c.toml", &demo_campaign("dup2", 14, local.to_str().unwrap(), &output2, 10, 4, Some("attempt-noise")));
+    let camp2 = sc2.write(
+        "c.toml",
+        &demo_campaign(
+            "dup2",
+            14,
+            local.to_str().unwrap(),
+            &output2,
+            10,
+            4,
+            Some("attempt-noise"),
+        ),
+    );
     let c2 = camp2.to_str().unwrap();
     let cid2 = sc2.ok(&["submit", c2]).trim().to_string();
     sc2.ok(&["resume", c2]); // publishes all 10 shards a second time
     let mut w1 = sc2.worker("a", &[]);
     let mut w2 = sc2.worker("b", &[]);
-    sc2.ok(&["watch", &cid2, "--output", &output2, "--interval-s", "0.5", "--timeout-s", "300"]);
+    sc2.ok(&[
+        "watch",
+        &cid2,
+        "--output",
+        &output2,
+        "--interval-s",
+        "0.5",
+        "--timeout-s",
+        "300",
+    ]);
     // let the duplicates drain before stopping
     std::thread::sleep(Duration::from_secs(2));
     kill_term(&mut w1);
@@ -221,21 +338,35 @@ mask = "cutpaste"
     let c = camp.to_str().unwrap();
     let cid = sc.ok(&["submit", c]).trim().to_string();
     let mut w = sc.worker("a", &[]);
-    let st = sc.wait_status(&cid, &output, Duration::from_secs(300), |v| v["pending"] == 0);
+    let st = sc.wait_status(&cid, &output, Duration::from_secs(300), |v| {
+        v["pending"] == 0
+    });
     let failed = st["failed"].as_u64().unwrap();
     let dead = st["dead"].as_u64().unwrap();
     assert!(failed > 0 && failed < 24, "{st}");
     assert_eq!(st["committed"].as_u64().unwrap() + failed, 24);
     for f in st["failures"].as_array().unwrap() {
         let cause = f["cause"].as_str().unwrap();
-        assert!(cause.contains("003.png") && cause.contains("cannot be decoded"), "{cause}");
+        assert!(
+            cause.contains("003.png") && cause.contains("cannot be decoded"),
+            "{cause}"
+        );
         assert_eq!(f["class"], "permanent");
         assert!(f["sample_id"].is_string());
     }
     let human = sc.ok(&["status", c]);
-    assert!(human.contains("003.png") && human.contains("requeue-dead"), "{human}");
+    assert!(
+        human.contains("003.png") && human.contains("requeue-dead"),
+        "{human}"
+    );
     // the messages really are in the dead-letter queue
-    let q = defectforge::queue::AmqpQueue::connect(defectforge::queue::AmqpConfig { url: sc.s.amqp.clone(), queue: sc.queue.clone(), ..Default::default() }).await.unwrap();
+    let q = defectforge::queue::AmqpQueue::connect(defectforge::queue::AmqpConfig {
+        url: sc.s.amqp.clone(),
+        queue: sc.queue.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     use defectforge::queue::JobQueue;
     assert_eq!(q.depth().await.unwrap().dead, dead);
     // fix the input, requeue, and the campaign completes

@@ -12,7 +12,7 @@
 //! DEFECTFORGE_BENCH_SKIP_1M=1 to skip the million-sample parts.
 
 use bytes::Bytes;
-use defectforge::ledger::{self, CampaignRecord, FinalizeOptions};
+use defectforge::ledger::{self, CampaignRecord};
 use defectforge::manifest::ManifestRow;
 use defectforge::store::{self, ObjectStore, S3Config};
 use std::path::{Path, PathBuf};
@@ -21,7 +21,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn var(n: &str) -> String {
-    std::env::var(n).unwrap_or_else(|_| panic!("{n} is not set: eval \"$(tests/services.sh start)\" first"))
+    std::env::var(n)
+        .unwrap_or_else(|_| panic!("{n} is not set: eval \"$(tests/services.sh start)\" first"))
 }
 
 struct Env {
@@ -45,7 +46,10 @@ impl Env {
     }
     fn bin(&self, name: &str) -> PathBuf {
         let p = self.root.join("target/release").join(name);
-        assert!(p.exists(), "build the release binaries first: cargo build --release --bins");
+        assert!(
+            p.exists(),
+            "build the release binaries first: cargo build --release --bins"
+        );
         p
     }
     fn cmd(&self, name: &str, queue: &str) -> Command {
@@ -66,30 +70,41 @@ fn wait_rusage(child: Child) -> (i32, u64) {
     let pid = child.id() as i32;
     std::mem::forget(child);
     let mut status = 0;
-    let mut ru: libc_rusage = unsafe { std::mem::zeroed() };
+    let mut ru: RUsage = unsafe { std::mem::zeroed() };
     let r = unsafe { wait4(pid, &mut status, 0, &mut ru) };
     assert_eq!(r, pid);
     (status, ru.ru_maxrss as u64)
 }
 
 #[repr(C)]
-struct libc_rusage {
+struct RUsage {
     ru_utime: [i64; 2],
     ru_stime: [i64; 2],
     ru_maxrss: i64,
     _rest: [i64; 13],
 }
 extern "C" {
-    fn wait4(pid: i32, status: *mut i32, options: i32, rusage: *mut libc_rusage) -> i32;
+    fn wait4(pid: i32, status: *mut i32, options: i32, rusage: *mut RUsage) -> i32;
 }
 
 fn delete_queue(q: &str) {
     for q in [q.to_string(), format!("{q}.dead")] {
-        let _ = Command::new("rabbitmqctl").args(["delete_queue", &q]).stdout(Stdio::null()).stderr(Stdio::null()).status();
+        let _ = Command::new("rabbitmqctl")
+            .args(["delete_queue", &q])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
-fn campaign(name: &str, dataset: &Path, output: &str, samples: u64, generator: &str, shard_size: u32) -> String {
+fn campaign(
+    name: &str,
+    dataset: &Path,
+    output: &str,
+    samples: u64,
+    generator: &str,
+    shard_size: u32,
+) -> String {
     let per = samples / 4;
     format!(
         r#"
@@ -120,13 +135,22 @@ generator = "{generator}"
 
 async fn raw_put_rate(env: &Env, body: Bytes, n: usize, concurrency: usize) -> f64 {
     use futures_util::StreamExt;
-    let st = store::open(&format!("s3://{}/bench-raw-{:08x}", env.bucket, rand_u32()), &env.s3()).await.unwrap();
+    let st = store::open(
+        &format!("s3://{}/bench-raw-{:08x}", env.bucket, rand_u32()),
+        &env.s3(),
+    )
+    .await
+    .unwrap();
     let t = Instant::now();
     futures_util::stream::iter(0..n)
         .map(|i| {
             let st = st.clone();
             let body = body.clone();
-            async move { st.put(&format!("o/{i:08}.png"), body, "image/png").await.unwrap() }
+            async move {
+                st.put(&format!("o/{i:08}.png"), body, "image/png")
+                    .await
+                    .unwrap()
+            }
         })
         .buffer_unordered(concurrency)
         .collect::<Vec<_>>()
@@ -135,23 +159,52 @@ async fn raw_put_rate(env: &Env, body: Bytes, n: usize, concurrency: usize) -> f
 }
 
 fn rand_u32() -> u32 {
-    (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos()) ^ std::process::id()
+    (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos())
+        ^ std::process::id()
 }
 
-async fn end_to_end(env: &Env, dataset: &Path, generator: &str, workers: usize, samples: u64) -> f64 {
+async fn end_to_end(
+    env: &Env,
+    dataset: &Path,
+    generator: &str,
+    workers: usize,
+    samples: u64,
+) -> f64 {
     let tag = format!("{generator}-{workers}-{:08x}", rand_u32());
     let queue = format!("bench.{tag}");
     let output = format!("s3://{}/bench/{tag}", env.bucket);
     let dir = tempfile::tempdir().unwrap();
     let cpath = dir.path().join("c.toml");
-    std::fs::write(&cpath, campaign(&tag, dataset, &output, samples, generator, 16)).unwrap();
-    let out = env.cmd("defectforge", &queue).args(["submit", cpath.to_str().unwrap()]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(
+        &cpath,
+        campaign(&tag, dataset, &output, samples, generator, 16),
+    )
+    .unwrap();
+    let out = env
+        .cmd("defectforge", &queue)
+        .args(["submit", cpath.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let cid = String::from_utf8(out.stdout).unwrap().trim().to_string();
     let st = store::open(&output, &env.s3()).await.unwrap();
     let t = Instant::now();
     let mut kids: Vec<Child> = (0..workers)
-        .map(|_| env.cmd("defectforge-worker", &queue).args(["--idle-exit-s", "3"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap())
+        .map(|_| {
+            env.cmd("defectforge-worker", &queue)
+                .args(["--idle-exit-s", "3"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
         .collect();
     let shards = samples.div_ceil(16);
     loop {
@@ -241,9 +294,17 @@ async fn synthesize(st: Arc<dyn ObjectStore>, total: u64) -> String {
             let cid = cid.clone();
             async move {
                 let shard = defectforge::ids::shard_id(s);
-                let rows: Vec<ManifestRow> = (s * shard_size..((s + 1) * shard_size).min(total)).map(|i| row(i, &shard, &cid)).collect();
+                let rows: Vec<ManifestRow> = (s * shard_size..((s + 1) * shard_size).min(total))
+                    .map(|i| row(i, &shard, &cid))
+                    .collect();
                 let body = defectforge::manifest::write_parquet(&rows).unwrap();
-                st.put(&defectforge::layout::fragment(&cid, &shard, "0190aa-0001"), Bytes::from(body), "application/vnd.apache.parquet").await.unwrap();
+                st.put(
+                    &defectforge::layout::fragment(&cid, &shard, "0190aa-0001"),
+                    Bytes::from(body),
+                    "application/vnd.apache.parquet",
+                )
+                .await
+                .unwrap();
             }
         })
         .buffer_unordered(16)
@@ -254,7 +315,10 @@ async fn synthesize(st: Arc<dyn ObjectStore>, total: u64) -> String {
 
 #[tokio::main]
 async fn main() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
     let env = Env {
         endpoint: var("DEFECTFORGE_TEST_S3_ENDPOINT"),
         bucket: var("DEFECTFORGE_TEST_S3_BUCKET"),
@@ -263,14 +327,28 @@ async fn main() {
         amqp: var("DEFECTFORGE_TEST_AMQP_URL"),
         root: root.clone(),
     };
-    let samples: u64 = std::env::var("DEFECTFORGE_BENCH_SAMPLES").ok().and_then(|s| s.parse().ok()).unwrap_or(960);
-    let workers: Vec<usize> = std::env::var("DEFECTFORGE_BENCH_WORKERS").unwrap_or_else(|_| "1,2,4".into()).split(',').map(|s| s.parse().unwrap()).collect();
+    let samples: u64 = std::env::var("DEFECTFORGE_BENCH_SAMPLES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(960);
+    let workers: Vec<usize> = std::env::var("DEFECTFORGE_BENCH_WORKERS")
+        .unwrap_or_else(|_| "1,2,4".into())
+        .split(',')
+        .map(|s| s.parse().unwrap())
+        .collect();
     let data = tempfile::tempdir().unwrap();
     defectforge::demo::materialise(data.path()).unwrap();
-    println!("machine: {} cores; RabbitMQ and Garage on the same machine", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
+    println!(
+        "machine: {} cores; RabbitMQ and Garage on the same machine",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
 
     // the size of a generated 256x256 image
-    let img = image::open(data.path().join("carpet/train/good/000.png")).unwrap().to_rgb8();
+    let img = image::open(data.path().join("carpet/train/good/000.png"))
+        .unwrap()
+        .to_rgb8();
     let png = Bytes::from(defectforge::imaging::encode_png_rgb(&img).unwrap());
     println!("object size: {} bytes (256x256 PNG)", png.len());
     for w in &workers {
@@ -290,20 +368,54 @@ async fn main() {
     let queue = format!("bench.1m.{:08x}", rand_u32());
     let dir = tempfile::tempdir().unwrap();
     let cpath = dir.path().join("c.toml");
-    std::fs::write(&cpath, campaign("million", data.path(), &format!("s3://{}/bench/1m-{:08x}", env.bucket, rand_u32()), 1_000_000, "perlin", 32)).unwrap();
+    std::fs::write(
+        &cpath,
+        campaign(
+            "million",
+            data.path(),
+            &format!("s3://{}/bench/1m-{:08x}", env.bucket, rand_u32()),
+            1_000_000,
+            "perlin",
+            32,
+        ),
+    )
+    .unwrap();
     let t = Instant::now();
-    let child = env.cmd("defectforge", &queue).args(["submit", cpath.to_str().unwrap()]).stdout(Stdio::null()).spawn().unwrap();
+    let child = env
+        .cmd("defectforge", &queue)
+        .args(["submit", cpath.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
     let (status, rss) = wait_rusage(child);
-    println!("plan + submit 1,000,000 samples (31,250 shards): {:.1} s, peak RSS {} MiB, exit {status}", t.elapsed().as_secs_f64(), rss / 1024);
+    println!(
+        "plan + submit 1,000,000 samples (31,250 shards): {:.1} s, peak RSS {} MiB, exit {status}",
+        t.elapsed().as_secs_f64(),
+        rss / 1024
+    );
     delete_queue(&queue);
     // finalize 1,000,000 rows from fragments at the default shard size
-    for (label, loc) in [("local directory", dir.path().join("fin").to_string_lossy().into_owned()), ("S3 (Garage)", format!("s3://{}/bench/fin-{:08x}", env.bucket, rand_u32()))] {
+    for (label, loc) in [
+        (
+            "local directory",
+            dir.path().join("fin").to_string_lossy().into_owned(),
+        ),
+        (
+            "S3 (Garage)",
+            format!("s3://{}/bench/fin-{:08x}", env.bucket, rand_u32()),
+        ),
+    ] {
         let st = store::open(&loc, &env.s3()).await.unwrap();
         let ts = Instant::now();
         let cid = synthesize(st.clone(), 1_000_000).await;
         let synth = ts.elapsed().as_secs_f64();
         let t = Instant::now();
-        let child = env.cmd("defectforge", "unused").args(["finalize", &cid, "--output", &loc, "--no-verify"]).stdout(Stdio::null()).spawn().unwrap();
+        let child = env
+            .cmd("defectforge", "unused")
+            .args(["finalize", &cid, "--output", &loc, "--no-verify"])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
         let (status, rss) = wait_rusage(child);
         println!("finalize 1,000,000 rows from 31,250 fragments in {label}: {:.1} s, peak RSS {} MiB, exit {status} (synthesis took {synth:.0} s)", t.elapsed().as_secs_f64(), rss / 1024);
     }

@@ -38,7 +38,11 @@ fn bar(len: u64, what: &str) -> ProgressBar {
 }
 
 /// Loads, validates and plans a campaign (materialising the demo dataset when asked).
-pub async fn load_plan(path: &Path, s3: &S3Config, output_override: Option<String>) -> Result<Plan> {
+pub async fn load_plan(
+    path: &Path,
+    s3: &S3Config,
+    output_override: Option<String>,
+) -> Result<Plan> {
     let mut c = Campaign::load(path)?;
     if let Some(o) = output_override {
         c.output = defectforge::campaign::resolve_location(&std::env::current_dir()?, &o);
@@ -71,7 +75,9 @@ fn record(plan: &Plan) -> CampaignRecord {
 
 async fn open_output(location: &str, s3: &S3Config) -> Result<Arc<dyn ObjectStore>> {
     let st = store::open(location, s3).await?;
-    st.check().await.with_context(|| format!("checking the output store {location}"))?;
+    st.check()
+        .await
+        .with_context(|| format!("checking the output store {location}"))?;
     Ok(st)
 }
 
@@ -87,7 +93,10 @@ async fn resolve_ref(c: &CampaignRef, s3: &S3Config) -> Result<(Arc<dyn ObjectSt
         anyhow!("--output (or DEFECTFORGE_OUTPUT) must name the campaign's output location when a campaign id is given")
     })?;
     if !ids::is_safe_campaign_id(&c.campaign) {
-        bail!("{:?} is neither a campaign file nor a campaign id (ids look like name-0123456789ab)", c.campaign);
+        bail!(
+            "{:?} is neither a campaign file nor a campaign id (ids look like name-0123456789ab)",
+            c.campaign
+        );
     }
     Ok((open_output(&output, s3).await?, c.campaign.clone()))
 }
@@ -110,12 +119,22 @@ pub async fn plan(path: &Path, json: bool, s3: &S3Config) -> Result<i32> {
         println!("campaign    {}", p.campaign_id);
         println!("digest      {}", p.digest);
         println!("samples     {}", p.total_samples);
-        println!("shards      {} of up to {} samples", p.shard_count, p.campaign.shard_size);
+        println!(
+            "shards      {} of up to {} samples",
+            p.shard_count, p.campaign.shard_size
+        );
         println!("output      {}", p.campaign.output);
         for ((c, d, n), spec) in p.counts().iter().zip(
-            p.campaign.categories.values().flat_map(|c| c.defects.values()),
+            p.campaign
+                .categories
+                .values()
+                .flat_map(|c| c.defects.values()),
         ) {
-            println!("  {c}/{d}: {n} samples, generator {}, masks {}", spec.generator, spec.mask.as_str());
+            println!(
+                "  {c}/{d}: {n} samples, generator {}, masks {}",
+                spec.generator,
+                spec.mask.as_str()
+            );
         }
     }
     Ok(0)
@@ -135,7 +154,7 @@ async fn publish_shards(q: &dyn JobQueue, plan: &Plan, shards: &[u64]) -> Result
         })?;
         done += chunk.len() as u64;
         pb.set_position(done);
-        if done % (PUBLISH_CHUNK * 20) == 0 {
+        if done.is_multiple_of(PUBLISH_CHUNK * 20) {
             info!("published {done}/{} shards", shards.len());
         }
     }
@@ -184,10 +203,23 @@ pub async fn status(c: &CampaignRef, json: bool, s3: &S3Config) -> Result<i32> {
         println!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(0);
     }
-    println!("campaign   {}{}", s.campaign_id, if s.cancelled { " (cancelled)" } else { "" });
-    println!("planned    {} samples in {} shards", s.planned, s.planned_shards);
-    println!("committed  {} samples ({} shards)", s.committed, s.committed_shards);
-    println!("failed     {} samples ({} dead-lettered shards)", s.failed, s.dead);
+    println!(
+        "campaign   {}{}",
+        s.campaign_id,
+        if s.cancelled { " (cancelled)" } else { "" }
+    );
+    println!(
+        "planned    {} samples in {} shards",
+        s.planned, s.planned_shards
+    );
+    println!(
+        "committed  {} samples ({} shards)",
+        s.committed, s.committed_shards
+    );
+    println!(
+        "failed     {} samples ({} dead-lettered shards)",
+        s.failed, s.dead
+    );
     println!("pending    {} samples", s.pending);
     match s.finalized_rows {
         Some(n) => println!("manifest   {n} rows"),
@@ -199,16 +231,28 @@ pub async fn status(c: &CampaignRef, json: bool, s3: &S3Config) -> Result<i32> {
             f.shard_id,
             f.class,
             f.cause,
-            f.input_uri.as_ref().map(|u| format!(" (input {u})")).unwrap_or_default()
+            f.input_uri
+                .as_ref()
+                .map(|u| format!(" (input {u})"))
+                .unwrap_or_default()
         );
     }
     if !s.failures.is_empty() {
-        println!("fix the inputs, then run `defectforge requeue-dead {} --output {}`", s.campaign_id, st.root_uri());
+        println!(
+            "fix the inputs, then run `defectforge requeue-dead {} --output {}`",
+            s.campaign_id,
+            st.root_uri()
+        );
     }
     Ok(0)
 }
 
-pub async fn watch(c: &CampaignRef, interval_s: f64, timeout_s: Option<u64>, s3: &S3Config) -> Result<i32> {
+pub async fn watch(
+    c: &CampaignRef,
+    interval_s: f64,
+    timeout_s: Option<u64>,
+    s3: &S3Config,
+) -> Result<i32> {
     let (st, cid) = resolve_ref(c, s3).await?;
     let first = ledger::status(st.as_ref(), &cid).await?;
     let pb = bar(first.planned, "samples");
@@ -219,7 +263,8 @@ pub async fn watch(c: &CampaignRef, interval_s: f64, timeout_s: Option<u64>, s3:
         let s = ledger::status(st.as_ref(), &cid).await?;
         pb.set_position(s.committed);
         if !tty {
-            let rate = (s.committed - start_committed.min(s.committed)) as f64 / t0.elapsed().as_secs_f64().max(1e-3);
+            let rate = (s.committed - start_committed.min(s.committed)) as f64
+                / t0.elapsed().as_secs_f64().max(1e-3);
             let left = s.pending as f64 / rate.max(1e-9);
             eprintln!(
                 "{cid}: {}/{} committed, {} failed, {:.1} samples/s, ETA {}",
@@ -227,7 +272,11 @@ pub async fn watch(c: &CampaignRef, interval_s: f64, timeout_s: Option<u64>, s3:
                 s.planned,
                 s.failed,
                 rate,
-                if rate > 0.0 { format!("{left:.0} s") } else { "unknown".into() }
+                if rate > 0.0 {
+                    format!("{left:.0} s")
+                } else {
+                    "unknown".into()
+                }
             );
         }
         if s.pending == 0 || s.cancelled {
@@ -251,13 +300,20 @@ pub async fn watch(c: &CampaignRef, interval_s: f64, timeout_s: Option<u64>, s3:
     }
 }
 
-pub async fn resume(c: &CampaignRef, include_dead: bool, amqp: &AmqpArgs, s3: &S3Config) -> Result<i32> {
+pub async fn resume(
+    c: &CampaignRef,
+    include_dead: bool,
+    amqp: &AmqpArgs,
+    s3: &S3Config,
+) -> Result<i32> {
     let (st, cid) = resolve_ref(c, s3).await?;
     let rec = ledger::read_record(st.as_ref(), &cid).await?;
     if ledger::is_cancelled(st.as_ref(), &cid).await? {
         bail!("campaign {cid} is cancelled; nothing to resume");
     }
-    let inputs = dataset::resolve(&rec.spec, s3).await.map_err(|e| anyhow!("campaign {cid}: {e}"))?;
+    let inputs = dataset::resolve(&rec.spec, s3)
+        .await
+        .map_err(|e| anyhow!("campaign {cid}: {e}"))?;
     let plan = Plan::new(rec.spec.clone(), &inputs);
     if plan.digest != rec.plan_digest {
         bail!(
@@ -268,8 +324,11 @@ pub async fn resume(c: &CampaignRef, include_dead: bool, amqp: &AmqpArgs, s3: &S
     }
     let mut shards = ledger::uncommitted_shards(st.as_ref(), &rec).await?;
     if !include_dead {
-        let dead: std::collections::HashSet<String> =
-            ledger::failures(st.as_ref(), &cid).await?.into_iter().map(|f| f.shard_id).collect();
+        let dead: std::collections::HashSet<String> = ledger::failures(st.as_ref(), &cid)
+            .await?
+            .into_iter()
+            .map(|f| f.shard_id)
+            .collect();
         shards.retain(|s| !dead.contains(&ids::shard_id(*s)));
     }
     let q = AmqpQueue::connect(amqp.config("defectforge-coordinator")).await?;
@@ -294,7 +353,10 @@ pub async fn finalize(c: &CampaignRef, verify: bool, s3: &S3Config) -> Result<i3
     let idx = ledger::finalize(
         st.as_ref(),
         &cid,
-        FinalizeOptions { verify_objects: verify, ..Default::default() },
+        FinalizeOptions {
+            verify_objects: verify,
+            ..Default::default()
+        },
         &|d, _| pb.set_position(d),
     )
     .await?;
@@ -352,15 +414,25 @@ pub async fn gc(c: &CampaignRef, dry_run: bool, s3: &S3Config) -> Result<i32> {
     Ok(0)
 }
 
-pub async fn run(path: &Path, workers: Option<usize>, output: Option<String>, s3: &S3Config) -> Result<i32> {
+pub async fn run(
+    path: &Path,
+    workers: Option<usize>,
+    output: Option<String>,
+    s3: &S3Config,
+) -> Result<i32> {
     let t0 = Instant::now();
     let plan = load_plan(path, s3, output).await?;
     let st = open_output(&plan.campaign.output, s3).await?;
     let cid = plan.campaign_id.clone();
     match ledger::read_record(st.as_ref(), &cid).await {
         Ok(r) if r.plan_digest == plan.digest => info!("campaign {cid} exists; continuing it"),
-        Ok(_) => bail!("campaign {cid} exists in {} with a different plan", plan.campaign.output),
-        Err(ledger::LedgerError::UnknownCampaign { .. }) => ledger::write_record(st.as_ref(), &record(&plan)).await?,
+        Ok(_) => bail!(
+            "campaign {cid} exists in {} with a different plan",
+            plan.campaign.output
+        ),
+        Err(ledger::LedgerError::UnknownCampaign { .. }) => {
+            ledger::write_record(st.as_ref(), &record(&plan)).await?
+        }
         Err(e) => return Err(e.into()),
     }
     let rec = ledger::read_record(st.as_ref(), &cid).await?;
@@ -369,9 +441,17 @@ pub async fn run(path: &Path, workers: Option<usize>, output: Option<String>, s3
     publish_shards(&q, &plan, &todo).await?;
     q.close_when_drained();
     let n = workers
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2))
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+        })
         .max(1);
-    eprintln!("{cid}: generating {} samples in {} shards with {n} worker(s)", plan.total_samples, todo.len());
+    eprintln!(
+        "{cid}: generating {} samples in {} shards with {n} worker(s)",
+        plan.total_samples,
+        todo.len()
+    );
     let worker = Arc::new(Worker::new(WorkerConfig {
         worker_id: format!("embedded-{}", std::process::id()),
         s3: s3.clone(),
@@ -382,7 +462,9 @@ pub async fn run(path: &Path, workers: Option<usize>, output: Option<String>, s3
     let mut tasks = vec![];
     for _ in 0..n {
         let (w, q, rx) = (worker.clone(), q.clone(), rx.clone());
-        tasks.push(tokio::spawn(async move { consume_loop(&w, &q, 1, rx, None).await }));
+        tasks.push(tokio::spawn(async move {
+            consume_loop(&w, &q, 1, rx, None).await
+        }));
     }
     let pb = bar(plan.total_samples, "samples");
     let done_before = plan.total_samples - todo.iter().map(|&s| rec.shard_len(s)).sum::<u64>();
@@ -415,5 +497,9 @@ pub async fn run(path: &Path, workers: Option<usize>, output: Option<String>, s3
     for p in &idx.parts {
         println!("{p}");
     }
-    Ok(if s.failed == 0 && idx.missing_shards.is_empty() { 0 } else { 1 })
+    Ok(if s.failed == 0 && idx.missing_shards.is_empty() {
+        0
+    } else {
+        1
+    })
 }

@@ -134,9 +134,7 @@ enum Cmd {
         s3: S3Args,
     },
     /// Write the procedural demo dataset (MVTec layout) into a directory
-    DemoData {
-        dir: PathBuf,
-    },
+    DemoData { dir: PathBuf },
 }
 
 #[tokio::main]
@@ -145,16 +143,37 @@ async fn main() {
     init_logging(cli.log_format);
     let r: Result<i32> = match cli.cmd {
         Cmd::Plan { campaign, json, s3 } => commands::plan(&campaign, json, &s3.config()).await,
-        Cmd::Submit { campaign, amqp, s3 } => commands::submit(&campaign, &amqp, &s3.config()).await,
-        Cmd::Watch { c, interval_s, timeout_s, s3 } => commands::watch(&c, interval_s, timeout_s, &s3.config()).await,
+        Cmd::Submit { campaign, amqp, s3 } => {
+            commands::submit(&campaign, &amqp, &s3.config()).await
+        }
+        Cmd::Watch {
+            c,
+            interval_s,
+            timeout_s,
+            s3,
+        } => commands::watch(&c, interval_s, timeout_s, &s3.config()).await,
         Cmd::Status { c, json, s3 } => commands::status(&c, json, &s3.config()).await,
-        Cmd::Resume { c, include_dead, amqp, s3 } => commands::resume(&c, include_dead, &amqp, &s3.config()).await,
+        Cmd::Resume {
+            c,
+            include_dead,
+            amqp,
+            s3,
+        } => commands::resume(&c, include_dead, &amqp, &s3.config()).await,
         Cmd::Cancel { c, s3 } => commands::cancel(&c, &s3.config()).await,
-        Cmd::Finalize { c, no_verify, s3 } => commands::finalize(&c, !no_verify, &s3.config()).await,
+        Cmd::Finalize { c, no_verify, s3 } => {
+            commands::finalize(&c, !no_verify, &s3.config()).await
+        }
         Cmd::RequeueDead { c, amqp, s3 } => commands::requeue_dead(&c, &amqp, &s3.config()).await,
         Cmd::Gc { c, dry_run, s3 } => commands::gc(&c, dry_run, &s3.config()).await,
-        Cmd::Run { campaign, workers, output, s3 } => commands::run(&campaign, workers, output, &s3.config()).await,
-        Cmd::DemoData { dir } => defectforge::demo::materialise(&dir).map(|_| 0).map_err(Into::into),
+        Cmd::Run {
+            campaign,
+            workers,
+            output,
+            s3,
+        } => commands::run(&campaign, workers, output, &s3.config()).await,
+        Cmd::DemoData { dir } => defectforge::demo::materialise(&dir)
+            .map(|_| 0)
+            .map_err(Into::into),
     };
     match r {
         Ok(code) => std::process::exit(code),

@@ -12,8 +12,8 @@ use lapin::options::{
     BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
     QueueBindOptions, QueueDeclareOptions,
 };
-use lapin::Confirmation;
 use lapin::types::{AMQPValue, FieldTable};
+use lapin::Confirmation;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use std::time::Duration;
 
@@ -76,7 +76,8 @@ impl AmqpQueue {
     /// Connects and declares the topology. Fails fast (within `cfg.timeout`) when the broker is
     /// unreachable.
     pub async fn connect(cfg: AmqpConfig) -> Result<Self, QueueError> {
-        let props = ConnectionProperties::default().with_connection_name(cfg.connection_name.clone().into());
+        let props = ConnectionProperties::default()
+            .with_connection_name(cfg.connection_name.clone().into());
         let conn = tokio::time::timeout(cfg.timeout, Connection::connect(&cfg.url, props))
             .await
             .map_err(|_| QueueError::Connect {
@@ -87,7 +88,10 @@ impl AmqpQueue {
                 url: redact_url(&cfg.url),
                 message: e.to_string(),
             })?;
-        let publish_ch = conn.create_channel().await.map_err(berr("opening a channel"))?;
+        let publish_ch = conn
+            .create_channel()
+            .await
+            .map_err(berr("opening a channel"))?;
         publish_ch
             .confirm_select(ConfirmSelectOptions::default())
             .await
@@ -119,7 +123,10 @@ impl AmqpQueue {
         .await
         .map_err(berr("declaring the dead-letter exchange"))?;
         let mut dargs = FieldTable::default();
-        dargs.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+        dargs.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
         let dq = dead_queue(&self.cfg.queue);
         ch.queue_declare(dq.clone().into(), durable, dargs)
             .await
@@ -134,9 +141,18 @@ impl AmqpQueue {
         .await
         .map_err(berr("binding the dead-letter queue"))?;
         let mut args = FieldTable::default();
-        args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
-        args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(DLX.into()));
-        args.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(dq.into()));
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(DLX.into()),
+        );
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(dq.into()),
+        );
         args.insert(
             "x-delivery-limit".into(),
             AMQPValue::LongLongInt(self.cfg.delivery_limit as i64),
@@ -145,7 +161,10 @@ impl AmqpQueue {
             "x-dead-letter-strategy".into(),
             AMQPValue::LongString("at-least-once".into()),
         );
-        args.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
+        args.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString("reject-publish".into()),
+        );
         ch.queue_declare(self.cfg.queue.clone().into(), durable, args)
             .await
             .map_err(|e| QueueError::Broker {
@@ -311,7 +330,9 @@ fn to_delivery(d: lapin::message::Delivery) -> Delivery {
 impl Consumer for AmqpConsumer {
     async fn next(&mut self) -> Result<Option<Delivery>, QueueError> {
         match self.inner.next().await {
-            None => Err(QueueError::Lost("the consumer was cancelled by the broker".into())),
+            None => Err(QueueError::Lost(
+                "the consumer was cancelled by the broker".into(),
+            )),
             Some(Err(e)) => Err(QueueError::Lost(e.to_string())),
             Some(Ok(d)) => Ok(Some(to_delivery(d))),
         }
@@ -346,11 +367,12 @@ impl JobQueue for AmqpQueue {
         Ok(Box::new(AmqpConsumer { inner, _ch: ch }))
     }
 
-    async fn requeue_dead(
-        &self,
-        select: &Selector<'_>,
-    ) -> Result<u64, QueueError> {
-        let ch = self.conn.create_channel().await.map_err(berr("opening a channel"))?;
+    async fn requeue_dead(&self, select: &Selector<'_>) -> Result<u64, QueueError> {
+        let ch = self
+            .conn
+            .create_channel()
+            .await
+            .map_err(berr("opening a channel"))?;
         let dq = dead_queue(&self.cfg.queue);
         let before = ch
             .queue_declare(
@@ -376,7 +398,8 @@ impl JobQueue for AmqpQueue {
             let d = m.delivery;
             // Publish first (confirmed), then ack: a crash in between duplicates, never loses.
             if select(&d.data) {
-                self.publish_to(&self.cfg.queue, vec![d.data.clone()]).await?;
+                self.publish_to(&self.cfg.queue, vec![d.data.clone()])
+                    .await?;
                 moved += 1;
             } else {
                 self.publish_to(&dq, vec![d.data.clone()]).await?;
@@ -389,17 +412,29 @@ impl JobQueue for AmqpQueue {
 
     async fn depth(&self) -> Result<Depth, QueueError> {
         // Passive declares on a throwaway channel: a failing declare closes its channel.
-        let ch = self.conn.create_channel().await.map_err(berr("opening a channel"))?;
+        let ch = self
+            .conn
+            .create_channel()
+            .await
+            .map_err(berr("opening a channel"))?;
         let passive = QueueDeclareOptions {
             passive: true,
             ..Default::default()
         };
         let q = ch
-            .queue_declare(self.cfg.queue.clone().into(), passive, FieldTable::default())
+            .queue_declare(
+                self.cfg.queue.clone().into(),
+                passive,
+                FieldTable::default(),
+            )
             .await
             .map_err(berr("inspecting the work queue"))?;
         let d = ch
-            .queue_declare(dead_queue(&self.cfg.queue).into(), passive, FieldTable::default())
+            .queue_declare(
+                dead_queue(&self.cfg.queue).into(),
+                passive,
+                FieldTable::default(),
+            )
             .await
             .map_err(berr("inspecting the dead-letter queue"))?;
         let _ = ch.close(200, "done".into()).await;

@@ -146,10 +146,7 @@ impl JobQueue for InProcQueue {
     async fn consume(&self, _prefetch: u16) -> Result<Box<dyn Consumer>, QueueError> {
         Ok(Box::new(InProcConsumer { q: self.clone() }))
     }
-    async fn requeue_dead(
-        &self,
-        select: &Selector<'_>,
-    ) -> Result<u64, QueueError> {
+    async fn requeue_dead(&self, select: &Selector<'_>) -> Result<u64, QueueError> {
         let mut s = self.state.lock().expect("queue");
         let dead = std::mem::take(&mut s.dead);
         let mut n = 0;

@@ -30,7 +30,10 @@ impl QueueError {
     pub fn is_connection_loss(&self) -> bool {
         matches!(
             self,
-            QueueError::Lost(_) | QueueError::Connect { .. } | QueueError::Broker { .. } | QueueError::Timeout { .. }
+            QueueError::Lost(_)
+                | QueueError::Connect { .. }
+                | QueueError::Broker { .. }
+                | QueueError::Timeout { .. }
         )
     }
 }
@@ -79,9 +82,6 @@ pub trait JobQueue: Send + Sync {
     /// Starts consuming with the given prefetch.
     async fn consume(&self, prefetch: u16) -> Result<Box<dyn Consumer>, QueueError>;
     /// Moves dead-lettered messages accepted by `select` back to the work queue; returns how many.
-    async fn requeue_dead(
-        &self,
-        select: &Selector<'_>,
-    ) -> Result<u64, QueueError>;
+    async fn requeue_dead(&self, select: &Selector<'_>) -> Result<u64, QueueError>;
     async fn depth(&self) -> Result<Depth, QueueError>;
 }

@@ -107,7 +107,10 @@ impl ObjectStore for LocalStore {
             Ok(m) if m.is_file() => Ok(Some(ObjectMeta {
                 key: key.to_string(),
                 size: m.len(),
-                last_modified: m.modified().map(Into::into).unwrap_or_else(|_| chrono::Utc::now()),
+                last_modified: m
+                    .modified()
+                    .map(Into::into)
+                    .unwrap_or_else(|_| chrono::Utc::now()),
             })),
             Ok(_) => Ok(None),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -180,19 +183,34 @@ mod tests {
     async fn put_get_list_delete() {
         let dir = tempfile::tempdir().unwrap();
         let s = LocalStore::new(dir.path());
-        s.put("a/b/1.txt", Bytes::from_static(b"one"), "text/plain").await.unwrap();
-        s.put("a/b/2.txt", Bytes::from_static(b"two!"), "text/plain").await.unwrap();
-        s.put("a/c.txt", Bytes::from_static(b"c"), "text/plain").await.unwrap();
+        s.put("a/b/1.txt", Bytes::from_static(b"one"), "text/plain")
+            .await
+            .unwrap();
+        s.put("a/b/2.txt", Bytes::from_static(b"two!"), "text/plain")
+            .await
+            .unwrap();
+        s.put("a/c.txt", Bytes::from_static(b"c"), "text/plain")
+            .await
+            .unwrap();
         assert_eq!(&s.get("a/b/1.txt").await.unwrap()[..], b"one");
         let l = s.list("a/b/").await.unwrap();
-        assert_eq!(l.iter().map(|m| m.key.as_str()).collect::<Vec<_>>(), ["a/b/1.txt", "a/b/2.txt"]);
+        assert_eq!(
+            l.iter().map(|m| m.key.as_str()).collect::<Vec<_>>(),
+            ["a/b/1.txt", "a/b/2.txt"]
+        );
         assert_eq!(l[1].size, 4);
         assert_eq!(s.list("a/").await.unwrap().len(), 3);
         assert_eq!(s.list("zzz/").await.unwrap().len(), 0);
         assert!(s.head("a/c.txt").await.unwrap().is_some());
         s.delete("a/c.txt").await.unwrap();
         assert!(s.head("a/c.txt").await.unwrap().is_none());
-        assert!(matches!(s.get("a/c.txt").await, Err(StoreError::NotFound { .. })));
-        assert!(matches!(s.put("../evil", Bytes::new(), "x").await, Err(StoreError::BadKey { .. })));
+        assert!(matches!(
+            s.get("a/c.txt").await,
+            Err(StoreError::NotFound { .. })
+        ));
+        assert!(matches!(
+            s.put("../evil", Bytes::new(), "x").await,
+            Err(StoreError::BadKey { .. })
+        ));
     }
 }

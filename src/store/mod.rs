@@ -127,12 +127,18 @@ pub async fn open(location: &str, s3: &S3Config) -> Result<Arc<dyn ObjectStore>,
 
 /// Opens the store that holds one object URI and returns it with the object's key. Used to read
 /// inputs (normal images, masks, textures) named by absolute URIs.
-pub async fn open_object(uri: &str, s3: &S3Config) -> Result<(Arc<dyn ObjectStore>, String), StoreError> {
+pub async fn open_object(
+    uri: &str,
+    s3: &S3Config,
+) -> Result<(Arc<dyn ObjectStore>, String), StoreError> {
     if let Some((bucket, key)) = parse_s3_uri(uri) {
         Ok((Arc::new(S3Store::new(s3, &bucket, "").await), key))
     } else {
         let p = std::path::Path::new(uri);
-        let parent = p.parent().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+        let parent = p
+            .parent()
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let name = p
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -147,7 +153,15 @@ mod tests {
 
     #[test]
     fn keys_cannot_escape() {
-        for k in ["../x", "a/../../b", "/etc/passwd", "a//b", "a\\b", "./a", ""] {
+        for k in [
+            "../x",
+            "a/../../b",
+            "/etc/passwd",
+            "a//b",
+            "a\\b",
+            "./a",
+            "",
+        ] {
             assert!(check_key(k).is_err(), "{k:?} should be rejected");
         }
         for k in ["a", "campaigns/x/samples/0a/1.png", "a.b/c..d"] {

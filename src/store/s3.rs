@@ -142,7 +142,11 @@ impl S3Store {
         }
     }
 
-    fn map_err<E>(&self, key: &str, e: SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> StoreError
+    fn map_err<E>(
+        &self,
+        key: &str,
+        e: SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+    ) -> StoreError
     where
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
@@ -151,7 +155,10 @@ impl S3Store {
         let code = e.code().map(str::to_string);
         let message = brief(&e);
         let full = format!("{}", DisplayErrorContext(&e));
-        if full.contains("loading credentials") || full.contains("no credentials") || full.contains("CredentialsNotLoaded") {
+        if full.contains("loading credentials")
+            || full.contains("no credentials")
+            || full.contains("CredentialsNotLoaded")
+        {
             return StoreError::Auth {
                 uri,
                 message: format!("no usable AWS credentials ({message})"),
@@ -168,21 +175,33 @@ impl S3Store {
                 uri,
                 message: code.unwrap_or_else(|| format!("HTTP {}", status.unwrap_or(403))),
             },
-            (SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_), _, _) => {
-                StoreError::Transient {
-                    uri,
-                    message: format!("cannot reach {}: {message}", self.endpoint),
-                }
-            }
+            (
+                SdkError::TimeoutError(_)
+                | SdkError::DispatchFailure(_)
+                | SdkError::ResponseError(_),
+                _,
+                _,
+            ) => StoreError::Transient {
+                uri,
+                message: format!("cannot reach {}: {message}", self.endpoint),
+            },
             (_, Some(s), _) if s >= 500 || s == 429 => StoreError::Transient { uri, message },
-            (_, _, Some("SlowDown" | "InternalError" | "ServiceUnavailable" | "RequestTimeout")) => {
-                StoreError::Transient { uri, message }
-            }
+            (
+                _,
+                _,
+                Some("SlowDown" | "InternalError" | "ServiceUnavailable" | "RequestTimeout"),
+            ) => StoreError::Transient { uri, message },
             _ => StoreError::Other { uri, message },
         }
     }
 
-    async fn put_multipart(&self, key: &str, full: &str, body: Bytes, content_type: &str) -> Result<(), StoreError> {
+    async fn put_multipart(
+        &self,
+        key: &str,
+        full: &str,
+        body: Bytes,
+        content_type: &str,
+    ) -> Result<(), StoreError> {
         let up = self
             .client
             .create_multipart_upload()
@@ -220,7 +239,11 @@ impl S3Store {
                 .bucket(&self.bucket)
                 .key(full)
                 .upload_id(&upload_id)
-                .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
+                .multipart_upload(
+                    CompletedMultipartUpload::builder()
+                        .set_parts(Some(parts))
+                        .build(),
+                )
                 .send()
                 .await
                 .map_err(|e| self.map_err(key, e))?;

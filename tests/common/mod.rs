@@ -129,7 +129,11 @@ impl Scenario {
     /// Runs a CLI command that must succeed; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.cli(args);
-        assert!(out.status.success(), "defectforge {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "defectforge {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     }
 
@@ -146,7 +150,8 @@ impl Scenario {
     }
 
     pub fn worker_log(&self, tag: &str) -> String {
-        std::fs::read_to_string(self.dir.path().join(format!("worker-{tag}.log"))).unwrap_or_default()
+        std::fs::read_to_string(self.dir.path().join(format!("worker-{tag}.log")))
+            .unwrap_or_default()
     }
 
     pub fn write(&self, name: &str, text: &str) -> PathBuf {
@@ -156,10 +161,20 @@ impl Scenario {
     }
 
     /// Polls `status --json` until `pred` holds or the timeout passes.
-    pub fn wait_status(&self, campaign: &str, output: &str, timeout: Duration, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    pub fn wait_status(
+        &self,
+        campaign: &str,
+        output: &str,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
         let t0 = Instant::now();
         loop {
-            let out = self.cmd("defectforge").args(["status", campaign, "--output", output, "--json"]).output().unwrap();
+            let out = self
+                .cmd("defectforge")
+                .args(["status", campaign, "--output", output, "--json"])
+                .output()
+                .unwrap();
             if out.status.success() {
                 let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
                 if pred(&v) {
@@ -179,7 +194,11 @@ impl Scenario {
 impl Drop for Scenario {
     fn drop(&mut self) {
         for q in [self.queue.clone(), format!("{}.dead", self.queue)] {
-            let _ = Command::new("rabbitmqctl").args(["delete_queue", &q]).stdout(Stdio::null()).stderr(Stdio::null()).status();
+            let _ = Command::new("rabbitmqctl")
+                .args(["delete_queue", &q])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
         }
     }
 }
@@ -189,21 +208,39 @@ pub async fn upload_dir(st: &dyn ObjectStore, dir: &Path, prefix: &str) {
     fn walk(d: &Path, out: &mut Vec<PathBuf>) {
         for e in std::fs::read_dir(d).unwrap() {
             let p = e.unwrap().path();
-            if p.is_dir() { walk(&p, out) } else { out.push(p) }
+            if p.is_dir() {
+                walk(&p, out)
+            } else {
+                out.push(p)
+            }
         }
     }
     let mut files = vec![];
     walk(dir, &mut files);
     for f in files {
-        let rel = f.strip_prefix(dir).unwrap().to_string_lossy().replace('\\', "/");
-        st.put(&format!("{prefix}{rel}"), bytes::Bytes::from(std::fs::read(&f).unwrap()), "application/octet-stream").await.unwrap();
+        let rel = f
+            .strip_prefix(dir)
+            .unwrap()
+            .to_string_lossy()
+            .replace('\\', "/");
+        st.put(
+            &format!("{prefix}{rel}"),
+            bytes::Bytes::from(std::fs::read(&f).unwrap()),
+            "application/octet-stream",
+        )
+        .await
+        .unwrap();
     }
 }
 
 /// Reads the finalized manifest of a campaign.
 pub async fn manifest_rows(st: &dyn ObjectStore, cid: &str) -> Vec<ManifestRow> {
-    let idx: defectforge::ledger::ManifestIndex =
-        serde_json::from_slice(&st.get(&defectforge::layout::manifest_index(cid)).await.unwrap()).unwrap();
+    let idx: defectforge::ledger::ManifestIndex = serde_json::from_slice(
+        &st.get(&defectforge::layout::manifest_index(cid))
+            .await
+            .unwrap(),
+    )
+    .unwrap();
     let mut rows = vec![];
     for p in &idx.parts {
         let key = p.strip_prefix(&format!("{}/", st.root_uri())).unwrap();
@@ -216,39 +253,95 @@ pub async fn manifest_rows(st: &dyn ObjectStore, cid: &str) -> Vec<ManifestRow> 
 /// What a user checks on a finished campaign: exactly the planned sample ids, each once; every
 /// object present with the recorded size and sha256; images decode; masks are binary and
 /// non-empty; pixels outside the mask equal the normal image.
-pub async fn verify_campaign(st: &dyn ObjectStore, cid: &str, seed: u64, total: u64, s3: &S3Config) -> Vec<ManifestRow> {
+pub async fn verify_campaign(
+    st: &dyn ObjectStore,
+    cid: &str,
+    seed: u64,
+    total: u64,
+    s3: &S3Config,
+) -> Vec<ManifestRow> {
     let rows = manifest_rows(st, cid).await;
     let mut ids: Vec<&str> = rows.iter().map(|r| r.sample_id.as_str()).collect();
     ids.sort();
-    let mut want: Vec<String> = (0..total).map(|i| defectforge::ids::sample_id(seed, i)).collect();
+    let mut want: Vec<String> = (0..total)
+        .map(|i| defectforge::ids::sample_id(seed, i))
+        .collect();
     want.sort();
     assert_eq!(ids.len(), want.len(), "row count");
-    assert_eq!(ids, want.iter().map(|s| s.as_str()).collect::<Vec<_>>(), "sample ids");
+    assert_eq!(
+        ids,
+        want.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+        "sample ids"
+    );
     let root = format!("{}/", st.root_uri());
     for r in &rows {
-        let img = st.get(r.image_uri.strip_prefix(&root).unwrap()).await.unwrap();
-        let mask = st.get(r.mask_uri.strip_prefix(&root).unwrap()).await.unwrap();
+        let img = st
+            .get(r.image_uri.strip_prefix(&root).unwrap())
+            .await
+            .unwrap();
+        let mask = st
+            .get(r.mask_uri.strip_prefix(&root).unwrap())
+            .await
+            .unwrap();
         assert_eq!(img.len() as u64, r.image_size, "{}", r.image_uri);
         assert_eq!(mask.len() as u64, r.mask_size, "{}", r.mask_uri);
-        assert_eq!(defectforge::ids::sha256_hex(&img), r.image_sha256, "{}", r.image_uri);
-        assert_eq!(defectforge::ids::sha256_hex(&mask), r.mask_sha256, "{}", r.mask_uri);
+        assert_eq!(
+            defectforge::ids::sha256_hex(&img),
+            r.image_sha256,
+            "{}",
+            r.image_uri
+        );
+        assert_eq!(
+            defectforge::ids::sha256_hex(&mask),
+            r.mask_sha256,
+            "{}",
+            r.mask_uri
+        );
         let out = image::load_from_memory(&img).unwrap().to_rgb8();
         let m = image::load_from_memory(&mask).unwrap().to_luma8();
-        assert!(m.pixels().all(|p| p.0[0] == 0 || p.0[0] == 255), "mask {} is not binary", r.mask_uri);
+        assert!(
+            m.pixels().all(|p| p.0[0] == 0 || p.0[0] == 255),
+            "mask {} is not binary",
+            r.mask_uri
+        );
         let area = m.pixels().filter(|p| p.0[0] == 255).count() as u64;
-        assert!(area > 0 && area == r.mask_area, "mask {} area {area} vs row {}", r.mask_uri, r.mask_area);
+        assert!(
+            area > 0 && area == r.mask_area,
+            "mask {} area {area} vs row {}",
+            r.mask_uri,
+            r.mask_area
+        );
         let (nst, nkey) = store::open_object(&r.normal_uri, s3).await.unwrap();
-        let normal = image::load_from_memory(&nst.get(&nkey).await.unwrap()).unwrap().to_rgb8();
+        let normal = image::load_from_memory(&nst.get(&nkey).await.unwrap())
+            .unwrap()
+            .to_rgb8();
         assert_eq!(normal.dimensions(), out.dimensions());
-        assert_eq!(defectforge::imaging::changed_outside(&normal, &out, &m), 0, "{} changed outside its mask", r.image_uri);
-        assert!(r.mean_abs_change_inside > 0.0, "{} has no visible anomaly", r.image_uri);
+        assert_eq!(
+            defectforge::imaging::changed_outside(&normal, &out, &m),
+            0,
+            "{} changed outside its mask",
+            r.image_uri
+        );
+        assert!(
+            r.mean_abs_change_inside > 0.0,
+            "{} has no visible anomaly",
+            r.image_uri
+        );
         assert_eq!(r.mean_abs_change_outside, 0.0);
     }
     rows
 }
 
 /// Campaign TOML over the demo dataset at `dataset` with `n` samples per defect type.
-pub fn demo_campaign(name: &str, seed: u64, dataset: &str, output: &str, per_type: u64, shard_size: u32, generator: Option<&str>) -> String {
+pub fn demo_campaign(
+    name: &str,
+    seed: u64,
+    dataset: &str,
+    output: &str,
+    per_type: u64,
+    shard_size: u32,
+    generator: Option<&str>,
+) -> String {
     let g = |default: &str| generator.unwrap_or(default).to_string();
     format!(
         r#"
@@ -283,7 +376,9 @@ few_shot_split = "official"
 }
 
 pub fn kill_term(c: &mut Child) -> Option<i32> {
-    let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-TERM", &c.id().to_string()])
+        .status();
     let t0 = Instant::now();
     loop {
         if let Some(s) = c.try_wait().unwrap() {

@@ -8,7 +8,9 @@ use clap::Parser;
 use defectforge::queue::{redact_url, AmqpQueue};
 use defectforge::retry::Backoff;
 use defectforge_worker::cli::{init_logging, AmqpArgs, LogFormat, S3Args};
-use defectforge_worker::runner::{consume_loop, default_worker_id, LoopEnd, Worker, WorkerConfig, WorkerError};
+use defectforge_worker::runner::{
+    consume_loop, default_worker_id, LoopEnd, Worker, WorkerConfig, WorkerError,
+};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{error, info, warn};
@@ -80,7 +82,8 @@ async fn run(args: Args) -> Result<i32> {
     let worker = Arc::new(Worker::new(cfg));
     let (sig_tx, sig_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
         tokio::select! {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
@@ -110,7 +113,12 @@ async fn run(args: Args) -> Result<i32> {
                     return Ok(2);
                 }
                 backoff_n += 1;
-                let d = Backoff { attempts: u32::MAX, base: Duration::from_millis(500), max: Duration::from_secs(5) }.delay(backoff_n);
+                let d = Backoff {
+                    attempts: u32::MAX,
+                    base: Duration::from_millis(500),
+                    max: Duration::from_secs(5),
+                }
+                .delay(backoff_n);
                 warn!("broker unavailable ({e}); retrying in {} ms", d.as_millis());
                 tokio::select! {
                     _ = tokio::time::sleep(d) => {}
@@ -164,15 +172,22 @@ async fn run(args: Args) -> Result<i32> {
             if *sig_rx.borrow() {
                 return Ok(0);
             }
-            warn!("lost the broker connection ({e}); reconnecting for up to {} s", window.as_secs());
+            warn!(
+                "lost the broker connection ({e}); reconnecting for up to {} s",
+                window.as_secs()
+            );
             lost_since = Instant::now();
             continue;
         }
         q.close().await;
         let c = &worker.counters;
         info!(
-            shards = c.shards_committed.load(std::sync::atomic::Ordering::Relaxed),
-            samples = c.samples_committed.load(std::sync::atomic::Ordering::Relaxed),
+            shards = c
+                .shards_committed
+                .load(std::sync::atomic::Ordering::Relaxed),
+            samples = c
+                .samples_committed
+                .load(std::sync::atomic::Ordering::Relaxed),
             "worker stopping ({end:?})"
         );
         return Ok(0);

@@ -109,7 +109,9 @@ fn from_store(e: StoreError, input: bool) -> ShardError {
             input_uri: Some(uri.clone()),
             cause: format!("input {uri} does not exist"),
         },
-        e @ (StoreError::Auth { .. } | StoreError::NoBucket { .. }) => ShardError::Fatal(e.to_string()),
+        e @ (StoreError::Auth { .. } | StoreError::NoBucket { .. }) => {
+            ShardError::Fatal(e.to_string())
+        }
         e if e.is_transient() => ShardError::Transient(e.to_string()),
         e => ShardError::Transient(e.to_string()),
     }
@@ -148,7 +150,10 @@ impl Worker {
         Self::with_generators(cfg, generators::registry())
     }
 
-    pub fn with_generators(cfg: WorkerConfig, generators: BTreeMap<&'static str, Arc<dyn Generator>>) -> Self {
+    pub fn with_generators(
+        cfg: WorkerConfig,
+        generators: BTreeMap<&'static str, Arc<dyn Generator>>,
+    ) -> Self {
         Self {
             cfg,
             generators,
@@ -165,7 +170,10 @@ impl Worker {
         }
         let s = store::open(root, &self.cfg.s3).await?;
         s.check().await?;
-        self.stores.lock().expect("stores").insert(root.to_string(), s.clone());
+        self.stores
+            .lock()
+            .expect("stores")
+            .insert(root.to_string(), s.clone());
         Ok(s)
     }
 
@@ -184,10 +192,15 @@ impl Worker {
     }
 
     async fn read(&self, uri: &str) -> Result<Bytes, StoreError> {
-        retry(self.cfg.retry, &format!("reading {uri}"), StoreError::is_transient, || async {
-            let (s, key) = store::open_object(uri, &self.cfg.s3).await?;
-            s.get(&key).await
-        })
+        retry(
+            self.cfg.retry,
+            &format!("reading {uri}"),
+            StoreError::is_transient,
+            || async {
+                let (s, key) = store::open_object(uri, &self.cfg.s3).await?;
+                s.get(&key).await
+            },
+        )
         .await
     }
 
@@ -206,7 +219,10 @@ impl Worker {
             });
         }
         let l = Arc::new(l);
-        self.textures.lock().expect("textures").insert(dir.to_string(), l.clone());
+        self.textures
+            .lock()
+            .expect("textures")
+            .insert(dir.to_string(), l.clone());
         Ok(l)
     }
 
@@ -215,28 +231,44 @@ impl Worker {
         for s in &msg.samples {
             let t = &msg.types[s.type_idx as usize];
             let with_sample = |e: ShardError| match e {
-                ShardError::Permanent { input_uri, cause, .. } => ShardError::Permanent {
+                ShardError::Permanent {
+                    input_uri, cause, ..
+                } => ShardError::Permanent {
                     sample: Some((s.sample_id.clone(), s.index)),
                     input_uri,
                     cause,
                 },
                 e => e,
             };
-            let normal = self.read(&s.normal_uri).await.map_err(|e| with_sample(from_store(e, true)))?;
+            let normal = self
+                .read(&s.normal_uri)
+                .await
+                .map_err(|e| with_sample(from_store(e, true)))?;
             let mask = match &s.mask_uri {
-                Some(u) => Some(self.read(u).await.map_err(|e| with_sample(from_store(e, true)))?),
+                Some(u) => Some(
+                    self.read(u)
+                        .await
+                        .map_err(|e| with_sample(from_store(e, true)))?,
+                ),
                 None => None,
             };
             let texture = match (&t.settings.perlin.texture_dir, t.generator.as_str()) {
                 (Some(dir), "perlin") => {
                     let list = self.texture_list(dir).await.map_err(with_sample)?;
                     let i = (s.seed % list.len() as u64) as usize;
-                    let b = self.read(&list[i]).await.map_err(|e| with_sample(from_store(e, true)))?;
+                    let b = self
+                        .read(&list[i])
+                        .await
+                        .map_err(|e| with_sample(from_store(e, true)))?;
                     Some((list[i].clone(), b))
                 }
                 _ => None,
             };
-            out.push(Inputs { normal, mask, texture });
+            out.push(Inputs {
+                normal,
+                mask,
+                texture,
+            });
         }
         Ok(out)
     }
@@ -249,8 +281,12 @@ impl Worker {
             Err(e) => {
                 warn!("dead-lettering an unreadable shard message: {e}");
                 d.acker.dead_letter().await?;
-                self.counters.shards_dead_lettered.fetch_add(1, Ordering::Relaxed);
-                return Ok(Outcome::DeadLettered { cause: e.to_string() });
+                self.counters
+                    .shards_dead_lettered
+                    .fetch_add(1, Ordering::Relaxed);
+                return Ok(Outcome::DeadLettered {
+                    cause: e.to_string(),
+                });
             }
         };
         let span = tracing::info_span!("shard", campaign = %msg.campaign_id, shard = %msg.shard_id);
@@ -263,8 +299,12 @@ impl Worker {
         match result {
             Ok(Outcome::Committed { samples }) => {
                 d.acker.ack().await?;
-                self.counters.shards_committed.fetch_add(1, Ordering::Relaxed);
-                self.counters.samples_committed.fetch_add(samples as u64, Ordering::Relaxed);
+                self.counters
+                    .shards_committed
+                    .fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .samples_committed
+                    .fetch_add(samples as u64, Ordering::Relaxed);
                 info!(samples, "shard committed");
                 Ok(Outcome::Committed { samples })
             }
@@ -274,21 +314,29 @@ impl Worker {
                 info!("shard skipped: {other:?}");
                 Ok(other)
             }
-            Err(ShardError::Permanent { sample, input_uri, cause }) => {
+            Err(ShardError::Permanent {
+                sample,
+                input_uri,
+                cause,
+            }) => {
                 warn!(%cause, "shard failed permanently; dead-lettering it");
-                self.dead_letter(d, &msg, sample, input_uri, cause, "permanent", deliveries).await
+                self.dead_letter(d, &msg, sample, input_uri, cause, "permanent", deliveries)
+                    .await
             }
             Err(ShardError::Transient(cause)) if deliveries >= self.cfg.delivery_limit => {
                 let cause = format!("gave up after {deliveries} deliveries: {cause}");
                 warn!(%cause, "dead-lettering shard");
-                self.dead_letter(d, &msg, None, None, cause, "exhausted", deliveries).await
+                self.dead_letter(d, &msg, None, None, cause, "exhausted", deliveries)
+                    .await
             }
             Err(ShardError::Transient(cause)) => {
                 let pause = self.cfg.retry.delay(deliveries as u32 + 1);
                 warn!(%cause, pause_ms = pause.as_millis() as u64, "transient failure; requeueing the shard");
                 tokio::time::sleep(pause).await;
                 d.acker.requeue().await?;
-                self.counters.shards_requeued.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .shards_requeued
+                    .fetch_add(1, Ordering::Relaxed);
                 Ok(Outcome::Requeued { cause })
             }
             Err(ShardError::Fatal(cause)) => {
@@ -332,9 +380,12 @@ impl Worker {
             Ok(store) => {
                 let body = Bytes::from(serde_json::to_vec_pretty(&rec).expect("record serializes"));
                 let key = layout::failure(&msg.campaign_id, &msg.shard_id);
-                retry(self.cfg.retry, "writing a failure record", StoreError::is_transient, || {
-                    store.put(&key, body.clone(), "application/json")
-                })
+                retry(
+                    self.cfg.retry,
+                    "writing a failure record",
+                    StoreError::is_transient,
+                    || store.put(&key, body.clone(), "application/json"),
+                )
                 .await
             }
             Err(e) => Err(e),
@@ -346,31 +397,46 @@ impl Worker {
             return Ok(Outcome::Requeued { cause });
         }
         d.acker.dead_letter().await?;
-        self.counters.shards_dead_lettered.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .shards_dead_lettered
+            .fetch_add(1, Ordering::Relaxed);
         Ok(Outcome::DeadLettered { cause })
     }
 
     async fn process(&self, msg: &ShardMessage) -> Result<Outcome, ShardError> {
         let t0 = Instant::now();
         let started_at = Utc::now();
-        let store = self.store(&msg.output).await.map_err(|e| from_store(e, false))?;
+        let store = self
+            .store(&msg.output)
+            .await
+            .map_err(|e| from_store(e, false))?;
         let cid = &msg.campaign_id;
-        let cancelled = retry(self.cfg.retry, "checking for cancellation", StoreError::is_transient, || {
-            self.is_cancelled(store.as_ref(), cid)
-        })
+        let cancelled = retry(
+            self.cfg.retry,
+            "checking for cancellation",
+            StoreError::is_transient,
+            || self.is_cancelled(store.as_ref(), cid),
+        )
         .await
         .map_err(|e| from_store(e, false))?;
         if cancelled {
-            return Ok(Outcome::Skipped { reason: "campaign cancelled".into() });
+            return Ok(Outcome::Skipped {
+                reason: "campaign cancelled".into(),
+            });
         }
         let shard_prefix = format!("{}{}/", layout::shards_prefix(cid), msg.shard_id);
-        let existing = retry(self.cfg.retry, "listing shard fragments", StoreError::is_transient, || {
-            store.list(&shard_prefix)
-        })
+        let existing = retry(
+            self.cfg.retry,
+            "listing shard fragments",
+            StoreError::is_transient,
+            || store.list(&shard_prefix),
+        )
         .await
         .map_err(|e| from_store(e, false))?;
         if !existing.is_empty() {
-            return Ok(Outcome::Skipped { reason: "shard already committed".into() });
+            return Ok(Outcome::Skipped {
+                reason: "shard already committed".into(),
+            });
         }
         for t in &msg.types {
             if !self.generators.contains_key(t.generator.as_str()) {
@@ -382,7 +448,11 @@ impl Worker {
                         t.generator,
                         t.category,
                         t.defect_type,
-                        self.generators.keys().copied().collect::<Vec<_>>().join(", ")
+                        self.generators
+                            .keys()
+                            .copied()
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ),
                 });
             }
@@ -396,14 +466,24 @@ impl Worker {
         let job = tokio::task::spawn_blocking(move || compute(&m2, inputs, &gens));
         let computed = match tokio::time::timeout(remaining, job).await {
             Err(_) => return Err(ShardError::TimedOut(msg.shard_time_limit_s)),
-            Ok(Err(join)) => return Err(ShardError::Transient(format!("generator thread panicked: {join}"))),
+            Ok(Err(join)) => {
+                return Err(ShardError::Transient(format!(
+                    "generator thread panicked: {join}"
+                )))
+            }
             Ok(Ok(r)) => r?,
         };
         // Upload every object under this attempt's keys.
         let mut uploads = vec![];
         for (s, c) in msg.samples.iter().zip(&computed) {
-            uploads.push((layout::sample_image(cid, &s.sample_id, &attempt), Bytes::from(c.image_png.clone())));
-            uploads.push((layout::sample_mask(cid, &s.sample_id, &attempt), Bytes::from(c.mask_png.clone())));
+            uploads.push((
+                layout::sample_image(cid, &s.sample_id, &attempt),
+                Bytes::from(c.image_png.clone()),
+            ));
+            uploads.push((
+                layout::sample_mask(cid, &s.sample_id, &attempt),
+                Bytes::from(c.mask_png.clone()),
+            ));
         }
         let store2 = store.clone();
         let policy = self.cfg.retry;
@@ -412,9 +492,12 @@ impl Worker {
                 let store = store2.clone();
                 async move {
                     let n = body.len() as u64;
-                    retry(policy, &format!("uploading {key}"), StoreError::is_transient, || {
-                        store.put(&key, body.clone(), "image/png")
-                    })
+                    retry(
+                        policy,
+                        &format!("uploading {key}"),
+                        StoreError::is_transient,
+                        || store.put(&key, body.clone(), "image/png"),
+                    )
                     .await
                     .map(|_| n)
                 }
@@ -426,7 +509,9 @@ impl Worker {
         for r in results {
             bytes_up += r.map_err(|e| from_store(e, false))?;
         }
-        self.counters.bytes_uploaded.fetch_add(bytes_up, Ordering::Relaxed);
+        self.counters
+            .bytes_uploaded
+            .fetch_add(bytes_up, Ordering::Relaxed);
         if t0.elapsed() > limit {
             return Err(ShardError::TimedOut(msg.shard_time_limit_s));
         }
@@ -437,21 +522,41 @@ impl Worker {
             .samples
             .iter()
             .zip(&computed)
-            .map(|(s, c)| row(msg, s, c, &*store, &attempt, &self.cfg.worker_id, per_sample_ms, started_at, finished_at))
+            .map(|(s, c)| {
+                row(
+                    msg,
+                    s,
+                    c,
+                    &*store,
+                    &attempt,
+                    &self.cfg.worker_id,
+                    per_sample_ms,
+                    started_at,
+                    finished_at,
+                )
+            })
             .collect();
-        let frag = manifest::write_parquet(&rows).map_err(|e| ShardError::Transient(e.to_string()))?;
+        let frag =
+            manifest::write_parquet(&rows).map_err(|e| ShardError::Transient(e.to_string()))?;
         let fkey = layout::fragment(cid, &msg.shard_id, &attempt);
         let fbytes = Bytes::from(frag);
-        retry(self.cfg.retry, "committing the shard fragment", StoreError::is_transient, || {
-            store.put(&fkey, fbytes.clone(), "application/vnd.apache.parquet")
-        })
+        retry(
+            self.cfg.retry,
+            "committing the shard fragment",
+            StoreError::is_transient,
+            || store.put(&fkey, fbytes.clone(), "application/vnd.apache.parquet"),
+        )
         .await
         .map_err(|e| from_store(e, false))?;
         let micros: u64 = computed.iter().map(|c| c.micros).sum();
-        self.counters.generator_micros.fetch_add(micros, Ordering::Relaxed);
+        self.counters
+            .generator_micros
+            .fetch_add(micros, Ordering::Relaxed);
         // A shard that once failed and now succeeded is no longer failed.
         let _ = store.delete(&layout::failure(cid, &msg.shard_id)).await;
-        Ok(Outcome::Committed { samples: rows.len() })
+        Ok(Outcome::Committed {
+            samples: rows.len(),
+        })
     }
 }
 
@@ -475,8 +580,16 @@ fn row(
         sample_index: s.index,
         category: t.category.clone(),
         defect_type: t.defect_type.clone(),
-        image_uri: store.uri(&layout::sample_image(&msg.campaign_id, &s.sample_id, attempt)),
-        mask_uri: store.uri(&layout::sample_mask(&msg.campaign_id, &s.sample_id, attempt)),
+        image_uri: store.uri(&layout::sample_image(
+            &msg.campaign_id,
+            &s.sample_id,
+            attempt,
+        )),
+        mask_uri: store.uri(&layout::sample_mask(
+            &msg.campaign_id,
+            &s.sample_id,
+            attempt,
+        )),
         normal_uri: s.normal_uri.clone(),
         mask_source: t.mask_source.as_str().to_string(),
         source_mask_uri: s.mask_uri.clone(),
@@ -548,7 +661,11 @@ fn compute(
                     ));
                 }
                 if imaging::mask_stats(&m).area == 0 {
-                    return Err(image_err(ImageError::EmptyMask { uri: uri.clone() }, s, uri));
+                    return Err(image_err(
+                        ImageError::EmptyMask { uri: uri.clone() },
+                        s,
+                        uri,
+                    ));
                 }
                 m
             }
@@ -556,7 +673,10 @@ fn compute(
                 return Err(ShardError::Permanent {
                     sample: Some((s.sample_id.clone(), s.index)),
                     input_uri: None,
-                    cause: format!("sample {} uses mask source {:?} but names no mask file", s.sample_id, t.mask_source),
+                    cause: format!(
+                        "sample {} uses mask source {:?} but names no mask file",
+                        s.sample_id, t.mask_source
+                    ),
                 })
             }
             (MaskSource::Perlin, _, _) => masks::perlin_mask(w, h, &t.settings.perlin, &mut rng),
@@ -564,7 +684,9 @@ fn compute(
             (MaskSource::Scar, _, _) => masks::scar_mask(w, h, &t.settings.cutpaste, &mut rng),
         };
         let texture = match &inp.texture {
-            Some((uri, b)) => Some(imaging::decode_rgb(b, "texture", uri).map_err(|e| image_err(e, s, uri))?),
+            Some((uri, b)) => {
+                Some(imaging::decode_rgb(b, "texture", uri).map_err(|e| image_err(e, s, uri))?)
+            }
             None => None,
         };
         normals.push(normal);
@@ -575,7 +697,10 @@ fn compute(
     let mut results: Vec<Option<(RgbImage, u64)>> = (0..msg.samples.len()).map(|_| None).collect();
     let mut by_gen: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for (i, s) in msg.samples.iter().enumerate() {
-        by_gen.entry(msg.types[s.type_idx as usize].generator.as_str()).or_default().push(i);
+        by_gen
+            .entry(msg.types[s.type_idx as usize].generator.as_str())
+            .or_default()
+            .push(i);
     }
     for (gname, idx) in &by_gen {
         let g = &gens[gname];
@@ -591,12 +716,20 @@ fn compute(
             .collect();
         let t = Instant::now();
         let out = g.generate(&batch).map_err(|e| match e {
-            GenError::Input(c) => ShardError::Permanent { sample: None, input_uri: None, cause: c },
+            GenError::Input(c) => ShardError::Permanent {
+                sample: None,
+                input_uri: None,
+                cause: c,
+            },
             GenError::Transient(c) => ShardError::Transient(c),
         })?;
         let micros = t.elapsed().as_micros() as u64 / idx.len().max(1) as u64;
         if out.len() != idx.len() {
-            return Err(ShardError::Transient(format!("generator {gname} returned {} images for {}", out.len(), idx.len())));
+            return Err(ShardError::Transient(format!(
+                "generator {gname} returned {} images for {}",
+                out.len(),
+                idx.len()
+            )));
         }
         for (&i, img) in idx.iter().zip(out) {
             if img.dimensions() != normals[i].dimensions() {
@@ -619,8 +752,10 @@ fn compute(
         let t = &msg.types[msg.samples[i].type_idx as usize];
         let g = &gens[t.generator.as_str()];
         out.push(Computed {
-            image_png: imaging::encode_png_rgb(&final_img).map_err(|e| ShardError::Transient(e.to_string()))?,
-            mask_png: imaging::encode_png_gray(&masks_v[i]).map_err(|e| ShardError::Transient(e.to_string()))?,
+            image_png: imaging::encode_png_rgb(&final_img)
+                .map_err(|e| ShardError::Transient(e.to_string()))?,
+            mask_png: imaging::encode_png_gray(&masks_v[i])
+                .map_err(|e| ShardError::Transient(e.to_string()))?,
             width: final_img.width(),
             height: final_img.height(),
             stats: imaging::mask_stats(&masks_v[i]),

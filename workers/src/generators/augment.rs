@@ -8,10 +8,14 @@ use rand::Rng;
 type Aug = fn(&mut RgbImage, &mut dyn rand::RngCore);
 
 fn gamma(img: &mut RgbImage, rng: &mut dyn rand::RngCore) {
-    let g: [f32; 3] = [rng.gen_range(0.5..2.0), rng.gen_range(0.5..2.0), rng.gen_range(0.5..2.0)];
+    let g: [f32; 3] = [
+        rng.gen_range(0.5..2.0),
+        rng.gen_range(0.5..2.0),
+        rng.gen_range(0.5..2.0),
+    ];
     for p in img.pixels_mut() {
-        for c in 0..3 {
-            p.0[c] = (255.0 * (p.0[c] as f32 / 255.0).powf(g[c])).round() as u8;
+        for (v, g) in p.0.iter_mut().zip(g) {
+            *v = (255.0 * (*v as f32 / 255.0).powf(g)).round() as u8;
         }
     }
 }
@@ -118,7 +122,15 @@ fn rotate(img: &mut RgbImage, rng: &mut dyn rand::RngCore) {
 }
 
 const AUGMENTERS: &[Aug] = &[
-    gamma, brightness, sharpness, hue, solarize, posterize, invert, autocontrast, rotate,
+    gamma,
+    brightness,
+    sharpness,
+    hue,
+    solarize,
+    posterize,
+    invert,
+    autocontrast,
+    rotate,
 ];
 
 /// Applies three distinct augmenters, chosen by `rng`.

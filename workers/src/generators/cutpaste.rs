@@ -24,7 +24,11 @@ pub fn paint(inp: &GenInput<'_>) -> RgbImage {
     let (bx, by, bw, bh) = st.bbox;
     let j = inp.settings.cutpaste.jitter;
     let mean = {
-        let s: u64 = inp.normal.pixels().map(|p| p.0.iter().map(|&v| v as u64).sum::<u64>()).sum();
+        let s: u64 = inp
+            .normal
+            .pixels()
+            .map(|p| p.0.iter().map(|&v| v as u64).sum::<u64>())
+            .sum();
         s as f32 / (3 * w * h) as f32
     };
     for attempt in 0..8 {
@@ -32,7 +36,8 @@ pub fn paint(inp: &GenInput<'_>) -> RgbImage {
         let (dx, dy) = loop {
             let dx = rng.gen_range(0..w);
             let dy = rng.gen_range(0..h);
-            let far = dx.min(w - dx) >= bw.min(w / 4).max(1) || dy.min(h - dy) >= bh.min(h / 4).max(1);
+            let far =
+                dx.min(w - dx) >= bw.min(w / 4).max(1) || dy.min(h - dy) >= bh.min(h / 4).max(1);
             if far || attempt > 4 {
                 break (dx, dy);
             }
@@ -55,9 +60,17 @@ pub fn paint(inp: &GenInput<'_>) -> RgbImage {
                     let k = hue.abs();
                     let (r, g, bl) = (v[0] as f32, v[1] as f32, v[2] as f32);
                     v = if hue > 0.0 {
-                        [(r * (1.0 - k) + bl * k) as u8, (g * (1.0 - k) + r * k) as u8, (bl * (1.0 - k) + g * k) as u8]
+                        [
+                            (r * (1.0 - k) + bl * k) as u8,
+                            (g * (1.0 - k) + r * k) as u8,
+                            (bl * (1.0 - k) + g * k) as u8,
+                        ]
                     } else {
-                        [(r * (1.0 - k) + g * k) as u8, (g * (1.0 - k) + bl * k) as u8, (bl * (1.0 - k) + r * k) as u8]
+                        [
+                            (r * (1.0 - k) + g * k) as u8,
+                            (g * (1.0 - k) + bl * k) as u8,
+                            (bl * (1.0 - k) + r * k) as u8,
+                        ]
                     };
                 }
                 let o = out.get_pixel_mut(x, y);

@@ -29,7 +29,10 @@ impl Perlin {
     /// Noise at (u, v) in [0,1]² (lattice units are u·res.0, v·res.1).
     pub fn at(&self, u: f32, v: f32) -> f32 {
         let (x, y) = (u * self.res.0 as f32, v * self.res.1 as f32);
-        let (x0, y0) = ((x.floor() as usize).min(self.res.0 - 1), (y.floor() as usize).min(self.res.1 - 1));
+        let (x0, y0) = (
+            (x.floor() as usize).min(self.res.0 - 1),
+            (y.floor() as usize).min(self.res.1 - 1),
+        );
         let (tx, ty) = (x - x0 as f32, y - y0 as f32);
         let g = |i: usize, j: usize| self.grads[j * (self.res.0 + 1) + i];
         let dot = |i: usize, j: usize, dx: f32, dy: f32| {
@@ -83,12 +86,22 @@ pub fn perlin_mask(w: u32, h: u32, s: &PerlinSettings, rng: &mut impl Rng) -> Gr
     let mut sorted = field.clone();
     sorted.sort_by(|a, b| a.total_cmp(b));
     let t = sorted[(sorted.len() * 99 / 100).min(sorted.len() - 1)];
-    let t = if sorted.last().copied().unwrap_or(0.0) > t { t } else { f32::NEG_INFINITY };
+    let t = if sorted.last().copied().unwrap_or(0.0) > t {
+        t
+    } else {
+        f32::NEG_INFINITY
+    };
     to_mask(w, h, &field, t)
 }
 
 fn to_mask(w: u32, h: u32, field: &[f32], t: f32) -> GrayImage {
-    GrayImage::from_fn(w, h, |x, y| Luma([if field[(y * w + x) as usize] > t { 255 } else { 0 }]))
+    GrayImage::from_fn(w, h, |x, y| {
+        Luma([if field[(y * w + x) as usize] > t {
+            255
+        } else {
+            0
+        }])
+    })
 }
 
 /// CutPaste patch size (w, h) for an image: area a ~ U(area), aspect r from [min,1) or [1,max].
@@ -110,7 +123,11 @@ pub fn rect_mask(w: u32, h: u32, s: &CutPasteSettings, rng: &mut impl Rng) -> Gr
     let x0 = rng.gen_range(0..=w - pw);
     let y0 = rng.gen_range(0..=h - ph);
     GrayImage::from_fn(w, h, |x, y| {
-        Luma([if x >= x0 && x < x0 + pw && y >= y0 && y < y0 + ph { 255 } else { 0 }])
+        Luma([if x >= x0 && x < x0 + pw && y >= y0 && y < y0 + ph {
+            255
+        } else {
+            0
+        }])
     })
 }
 
@@ -131,7 +148,11 @@ pub fn scar_mask(w: u32, h: u32, s: &CutPasteSettings, rng: &mut impl Rng) -> Gr
         let (dx, dy) = (x as f32 + 0.5 - cx, y as f32 + 0.5 - cy);
         let along = c * dx + sn * dy;
         let across = -sn * dx + c * dy;
-        Luma([if along.abs() <= sl / 2.0 && across.abs() <= sw / 2.0 { 255 } else { 0 }])
+        Luma([if along.abs() <= sl / 2.0 && across.abs() <= sw / 2.0 {
+            255
+        } else {
+            0
+        }])
     });
     if m.pixels().all(|p| p.0[0] == 0) {
         let (x, y) = ((cx as u32).min(w - 1), (cy as u32).min(h - 1));

@@ -17,8 +17,13 @@ fn anomaly_source(inp: &GenInput<'_>, rng: &mut impl Rng) -> RgbImage {
         Some(t) => imageops::resize(t, w, h, imageops::FilterType::Triangle),
         None => {
             // self-augmentation: the normal image shifted by a random offset (wrap-around)
-            let (ox, oy) = (rng.gen_range(w / 4..=w.max(4) * 3 / 4), rng.gen_range(h / 4..=h.max(4) * 3 / 4));
-            RgbImage::from_fn(w, h, |x, y| *inp.normal.get_pixel((x + ox) % w, (y + oy) % h))
+            let (ox, oy) = (
+                rng.gen_range(w / 4..=w.max(4) * 3 / 4),
+                rng.gen_range(h / 4..=h.max(4) * 3 / 4),
+            );
+            RgbImage::from_fn(w, h, |x, y| {
+                *inp.normal.get_pixel((x + ox) % w, (y + oy) % h)
+            })
         }
     };
     augment::augment3(&mut a, rng);
@@ -30,7 +35,11 @@ pub fn paint(inp: &GenInput<'_>) -> RgbImage {
     let [omin, omax] = inp.settings.perlin.opacity;
     for _ in 0..8 {
         let a = anomaly_source(inp, &mut rng);
-        let opacity = if omax > omin { rng.gen_range(omin..=omax) } else { omax };
+        let opacity = if omax > omin {
+            rng.gen_range(omin..=omax)
+        } else {
+            omax
+        };
         let beta = 1.0 - opacity;
         let mut out = inp.normal.clone();
         let mut changed = false;

@@ -23,7 +23,11 @@ impl Generator for NoopGenerator {
                 let mut out = i.normal.clone();
                 for (o, m) in out.pixels_mut().zip(i.mask.pixels()) {
                     if m.0[0] > 0 {
-                        o.0 = if o.0 == [255, 0, 255] { [0, 255, 0] } else { [255, 0, 255] };
+                        o.0 = if o.0 == [255, 0, 255] {
+                            [0, 255, 0]
+                        } else {
+                            [255, 0, 255]
+                        };
                     }
                 }
                 out
