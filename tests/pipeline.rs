@@ -380,3 +380,97 @@ mask = "cutpaste"
     let store = sc.store(&output).await;
     verify_campaign(store.as_ref(), &cid, 5, 24, &sc.s3()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_the_current_shard_and_cancel_skips_the_rest() {
+    use defectforge::queue::JobQueue;
+    let sc = Scenario::new("sigterm");
+    let data = sc.dir.path().join("data");
+    std::fs::create_dir_all(data.join("good")).unwrap();
+    // large images make one shard take seconds
+    let big = image::RgbImage::from_fn(1024, 768, |x, y| {
+        image::Rgb([(x ^ y) as u8, (x * 3 + y) as u8, (y / 3) as u8])
+    });
+    big.save(data.join("good/000.png")).unwrap();
+    let output = sc.s3_uri("out");
+    let camp = sc.write(
+        "c.toml",
+        &format!(
+            r#"
+name = "sigterm"
+seed = 8
+shard_size = 24
+output = "{output}"
+[dataset]
+source = "{d}"
+layout = "folder"
+[categories.sheet]
+normal_dir = "{d}/good"
+[categories.sheet.defects.stain]
+count = 72
+generator = "perlin"
+mask = "perlin"
+"#,
+            d = data.display()
+        ),
+    );
+    let c = camp.to_str().unwrap();
+    let cid = sc.ok(&["submit", c]).trim().to_string();
+    let mut w = sc.worker("a", &[]);
+    // wait until the worker holds its first shard, then ask it to stop
+    let t0 = std::time::Instant::now();
+    while !sc.worker_log("a").contains("consuming") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "worker did not start: {}",
+            sc.worker_log("a")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let before = sc.wait_status(&cid, &output, Duration::from_secs(5), |_| true);
+    assert_eq!(
+        before["committed"], 0,
+        "the first shard finished too fast to test SIGTERM"
+    );
+    assert_eq!(kill_term(&mut w), Some(0), "{}", sc.worker_log("a"));
+    let after = sc.wait_status(&cid, &output, Duration::from_secs(5), |_| true);
+    assert_eq!(
+        after["committed"], 24,
+        "exactly the shard in progress is committed"
+    );
+    let q = defectforge::queue::AmqpQueue::connect(defectforge::queue::AmqpConfig {
+        url: sc.s.amqp.clone(),
+        queue: sc.queue.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let t1 = std::time::Instant::now();
+    while q.depth().await.unwrap().ready != 2 {
+        assert!(
+            t1.elapsed() < Duration::from_secs(10),
+            "the other two shards should be back in the queue"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // cancel: a new worker acks and skips the remaining shards; finalize keeps what was committed
+    sc.ok(&["cancel", c]);
+    let mut w2 = sc.worker("b", &["--idle-exit-s", "3"]);
+    assert_eq!(w2.wait().unwrap().code(), Some(0), "{}", sc.worker_log("b"));
+    assert_eq!(q.depth().await.unwrap().ready, 0);
+    q.close().await;
+    let st: serde_json::Value = serde_json::from_str(&sc.ok(&["status", c, "--json"])).unwrap();
+    assert_eq!(
+        (st["cancelled"].as_bool(), st["committed"].as_u64()),
+        (Some(true), Some(24))
+    );
+    sc.ok(&["finalize", c]);
+    let store = sc.store(&output).await;
+    let rows = manifest_rows(store.as_ref(), &cid).await;
+    assert_eq!(rows.len(), 24);
+    assert!(
+        rows.iter().all(|r| (r.width, r.height) == (1024, 768)),
+        "generated at the normal image's own resolution"
+    );
+}
