@@ -1,10 +1,13 @@
 //! The broker restarts mid-campaign (rabbitmqctl stop_app / start_app). Workers reconnect
-//! within their window and the campaign completes with every sample exactly once. This test
+//! within their window and the campaign completes with every sample exactly once; /readyz
+//! answers 503 while the broker is away and 200 again once the worker consumes. This test
 //! lives in its own binary so that no other test shares the broker while it is down.
 
 mod common;
+mod probe;
 
 use common::*;
+use probe::{endpoint, get, wait_code};
 use std::process::Command;
 use std::time::Duration;
 
@@ -32,8 +35,13 @@ async fn campaign_survives_a_broker_restart() {
         .ok(&["submit", camp.to_str().unwrap()])
         .trim()
         .to_string();
-    let mut w1 = sc.worker("a", &["--reconnect-window-s", "120"]);
+    let mut w1 = sc.worker(
+        "a",
+        &["--reconnect-window-s", "120", "--http-addr", "127.0.0.1:0"],
+    );
     let mut w2 = sc.worker("b", &["--reconnect-window-s", "120"]);
+    let ep = endpoint(|| sc.worker_log("a"));
+    wait_code(&ep, "/readyz", 200, Duration::from_secs(30));
     sc.wait_status(&cid, &output, Duration::from_secs(300), |v| {
         v["committed"].as_u64().unwrap_or(0) >= 20
     });
@@ -56,7 +64,14 @@ async fn campaign_survives_a_broker_restart() {
             "worker b exited: {}",
             sc.worker_log("b")
         );
+        // unready while reconnecting, yet alive (no liveness restart)
+        wait_code(&ep, "/readyz", 503, Duration::from_secs(20));
+        assert_eq!(get(&ep, "/healthz").unwrap().0, 200);
+        let m = get(&ep, "/metrics").unwrap().1;
+        assert!(m.contains("defectforge_ready 0\n"), "{m}");
     }
+    // ready again once the broker is back and the worker consumes
+    wait_code(&ep, "/readyz", 200, Duration::from_secs(120));
     sc.ok(&[
         "watch",
         &cid,
@@ -79,14 +94,28 @@ async fn campaign_survives_a_broker_restart() {
 fn a_worker_gives_up_after_its_reconnect_window() {
     let sc = Scenario::new("window");
     let t0 = std::time::Instant::now();
-    let out = sc
+    let log = sc.dir.path().join("worker.log");
+    let mut w = sc
         .cmd("defectforge-worker")
         .env("DEFECTFORGE_AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f")
-        .args(["--reconnect-window-s", "3", "--amqp-timeout-s", "2"])
-        .output()
+        .args([
+            "--reconnect-window-s",
+            "3",
+            "--amqp-timeout-s",
+            "2",
+            "--http-addr",
+            "127.0.0.1:0",
+        ])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let e = String::from_utf8_lossy(&out.stderr);
+    // alive but never ready while the broker is unreachable, until it gives up
+    let ep = endpoint(|| std::fs::read_to_string(&log).unwrap_or_default());
+    assert_eq!(get(&ep, "/healthz").map(|r| r.0), Some(200));
+    assert_eq!(get(&ep, "/readyz").map(|r| r.0), Some(503));
+    let status = w.wait().unwrap();
+    assert_eq!(status.code(), Some(2));
+    let e = std::fs::read_to_string(&log).unwrap();
     assert!(
         e.contains("unreachable for 3 s") && e.contains("supervisor restarts"),
         "{e}"

@@ -3,4 +3,5 @@
 
 pub mod cli;
 pub mod generators;
+pub mod http;
 pub mod runner;

@@ -8,6 +8,7 @@ use clap::Parser;
 use defectforge::queue::{redact_url, AmqpQueue};
 use defectforge::retry::Backoff;
 use defectforge_worker::cli::{init_logging, AmqpArgs, LogFormat, S3Args};
+use defectforge_worker::http;
 use defectforge_worker::runner::{
     consume_loop, default_worker_id, LoopEnd, Worker, WorkerConfig, WorkerError,
 };
@@ -41,6 +42,9 @@ struct Args {
     /// exit 0 after this many seconds without a delivery (unset: run until stopped)
     #[arg(long, env = "DEFECTFORGE_IDLE_EXIT_S")]
     idle_exit_s: Option<u64>,
+    /// address of the HTTP endpoint (/healthz, /readyz, /metrics); `off` disables it
+    #[arg(long, env = "DEFECTFORGE_HTTP_ADDR", default_value = "0.0.0.0:9090")]
+    http_addr: String,
     /// log format
     #[arg(long, env = "DEFECTFORGE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -79,8 +83,17 @@ async fn run(args: Args) -> Result<i32> {
         s3 = ?cfg.s3,
         "starting worker"
     );
+    let http_addr = http::parse_addr(&args.http_addr).map_err(anyhow::Error::msg)?;
     let worker = Arc::new(Worker::new(cfg));
     let (sig_tx, sig_rx) = tokio::sync::watch::channel(false);
+    if let Some(addr) = http_addr {
+        let st = Arc::new(http::HttpState::new(worker.clone(), sig_rx.clone()));
+        // Not fatal: several workers on one host (tests, a laptop) share the default port. In
+        // Kubernetes the probes then fail and the pod is restarted, with this error in its log.
+        if let Err(e) = http::spawn(addr, st).await {
+            error!("cannot serve the HTTP endpoint on {addr} ({e}); running without /healthz, /readyz and /metrics (set --http-addr, or off)");
+        }
+    }
     tokio::spawn(async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("SIGTERM handler");
