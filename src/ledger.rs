@@ -13,6 +13,7 @@ use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 /// Rows per finalized manifest part file (a few tens of MB with zstd).
 pub const ROWS_PER_PART: usize = 1_000_000;
@@ -288,7 +289,7 @@ async fn choose_all<'a>(
     store: &'a dyn ObjectStore,
     rec: &'a CampaignRecord,
     frags: BTreeMap<String, Vec<ObjectMeta>>,
-    objects: Option<&'a HashMap<String, u64>>,
+    objects: Option<Arc<HashMap<String, u64>>>,
     prefer: &'a BTreeMap<String, String>,
 ) -> impl futures_util::Stream<Item = Result<Chosen, LedgerError>> + 'a {
     let root = store.root_uri();
@@ -308,8 +309,9 @@ async fn choose_all<'a>(
                 }
             }
             let root = root.clone();
+            let objects = objects.clone();
             async move {
-                let want: Vec<String> = rec.shard_sample_ids(i);
+                let want: Arc<Vec<String>> = Arc::new(rec.shard_sample_ids(i));
                 let mut rejected = vec![];
                 let n = attempts.len() as u64;
                 for m in attempts {
@@ -321,17 +323,30 @@ async fn choose_all<'a>(
                         Err(StoreError::NotFound { .. }) => continue,
                         Err(e) => return Err(e.into()),
                     };
-                    let batches = match manifest::read_batches(bytes, &store.uri(&m.key)) {
+                    // Decoding and checking are CPU work: off the async threads, in parallel.
+                    let (uri, cid, shard2, want2, root2, objs) = (
+                        store.uri(&m.key),
+                        rec.campaign_id.clone(),
+                        shard.clone(),
+                        want.clone(),
+                        root.clone(),
+                        objects.clone(),
+                    );
+                    let checked = tokio::task::spawn_blocking(move || {
+                        let batches =
+                            manifest::read_batches(bytes, &uri).map_err(|e| e.to_string())?;
+                        validate(&batches, &cid, &shard2, &want2, &root2, objs.as_deref())?;
+                        Ok::<_, String>(batches)
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(format!("checking panicked: {e}")));
+                    let batches = match checked {
                         Ok(b) => b,
-                        Err(e) => {
-                            rejected.push((m.key.clone(), e.to_string()));
+                        Err(reason) => {
+                            rejected.push((m.key.clone(), reason));
                             continue;
                         }
                     };
-                    if let Err(reason) = validate(&batches, rec, &shard, &want, &root, objects) {
-                        rejected.push((m.key.clone(), reason));
-                        continue;
-                    }
                     return Ok(Chosen {
                         shard,
                         attempt: Some((attempt, batches)),
@@ -352,7 +367,7 @@ async fn choose_all<'a>(
 
 fn validate(
     batches: &[RecordBatch],
-    rec: &CampaignRecord,
+    campaign_id: &str,
     shard: &str,
     want: &[String],
     root: &str,
@@ -373,7 +388,7 @@ fn validate(
             .and_then(|c| c.as_any().downcast_ref::<StringArray>())
             .ok_or("no shard_id column")?;
         for i in 0..b.num_rows() {
-            if cid.value(i) != rec.campaign_id || shd.value(i) != shard {
+            if cid.value(i) != campaign_id || shd.value(i) != shard {
                 return Err(format!(
                     "row {i} belongs to {}/{}",
                     cid.value(i),
@@ -451,7 +466,7 @@ pub async fn finalize(
     let rec = read_record(store, cid).await?;
     let frags = fragments(store, cid).await?;
     let objects = if opts.verify_objects {
-        Some(object_sizes(store, cid).await?)
+        Some(Arc::new(object_sizes(store, cid).await?))
     } else {
         None
     };
@@ -459,7 +474,7 @@ pub async fn finalize(
         .await
         .map(|m| m.chosen)
         .unwrap_or_default();
-    let mut stream = Box::pin(choose_all(store, &rec, frags, objects.as_ref(), &prefer).await);
+    let mut stream = Box::pin(choose_all(store, &rec, frags, objects, &prefer).await);
     let mut index = ManifestIndex {
         campaign_id: cid.to_string(),
         plan_digest: rec.plan_digest.clone(),
@@ -471,17 +486,45 @@ pub async fn finalize(
         rejected_attempts: vec![],
         finalized_at: Utc::now(),
     };
+    // Batches are encoded on a blocking thread in chunks of about one row group, so encoding
+    // overlaps with reading fragments and only one row group is held in memory.
+    const CHUNK_ROWS: usize = 128 * 1024;
+    let mut writer: Option<manifest::PartWriter> = None;
     let mut pending: Vec<RecordBatch> = vec![];
     let mut pending_rows = 0usize;
     let mut done = 0u64;
-    let flush = |batches: Vec<RecordBatch>, n: usize| async move {
-        let body = manifest::write_batches(&batches)?;
+    async fn encode(
+        w: Option<manifest::PartWriter>,
+        batches: Vec<RecordBatch>,
+    ) -> Result<manifest::PartWriter, LedgerError> {
+        tokio::task::spawn_blocking(move || {
+            let mut w = match w {
+                Some(w) => w,
+                None => manifest::PartWriter::new()?,
+            };
+            for b in &batches {
+                w.write(b)?;
+            }
+            Ok(w)
+        })
+        .await
+        .map_err(|e| LedgerError::Manifest(ManifestError::Write(e.to_string())))?
+    }
+    async fn flush_part(
+        store: &dyn ObjectStore,
+        cid: &str,
+        n: usize,
+        w: manifest::PartWriter,
+    ) -> Result<String, LedgerError> {
+        let body = tokio::task::spawn_blocking(move || w.finish())
+            .await
+            .map_err(|e| LedgerError::Manifest(ManifestError::Write(e.to_string())))??;
         let key = layout::manifest_part(cid, n);
         store
             .put(&key, Bytes::from(body), "application/vnd.apache.parquet")
             .await?;
-        Ok::<String, LedgerError>(key)
-    };
+        Ok(key)
+    }
     while let Some(c) = stream.next().await {
         let c = c?;
         done += 1;
@@ -497,21 +540,24 @@ pub async fn finalize(
                     index.rows += b.num_rows() as u64;
                     pending.push(b);
                 }
-                if pending_rows >= opts.rows_per_part {
-                    let n = index.parts.len();
-                    index
-                        .parts
-                        .push(flush(std::mem::take(&mut pending), n).await?);
+                let in_part = writer.as_ref().map(|w| w.rows()).unwrap_or(0) + pending_rows;
+                if pending_rows >= CHUNK_ROWS || in_part >= opts.rows_per_part {
+                    let w = encode(writer.take(), std::mem::take(&mut pending)).await?;
                     pending_rows = 0;
+                    if w.rows() >= opts.rows_per_part {
+                        let n = index.parts.len();
+                        index.parts.push(flush_part(store, cid, n, w).await?);
+                    } else {
+                        writer = Some(w);
+                    }
                 }
             }
         }
     }
-    if pending_rows > 0 || index.parts.is_empty() {
+    if pending_rows > 0 || writer.is_some() || index.parts.is_empty() {
+        let w = encode(writer.take(), std::mem::take(&mut pending)).await?;
         let n = index.parts.len();
-        index
-            .parts
-            .push(flush(std::mem::take(&mut pending), n).await?);
+        index.parts.push(flush_part(store, cid, n, w).await?);
     }
     let keep: HashSet<&String> = index.parts.iter().collect();
     for m in store.list(&layout::manifest_prefix(cid)).await? {
@@ -553,10 +599,12 @@ pub async fn gc(
     let frags = fragments(store, cid).await?;
     let all_frags: Vec<ObjectMeta> = frags.values().flatten().cloned().collect();
     let objects_list = store.list(&layout::samples_prefix(cid)).await?;
-    let objects: HashMap<String, u64> = objects_list
-        .iter()
-        .map(|m| (m.key.clone(), m.size))
-        .collect();
+    let objects: Arc<HashMap<String, u64>> = Arc::new(
+        objects_list
+            .iter()
+            .map(|m| (m.key.clone(), m.size))
+            .collect(),
+    );
     let prefer = previous_index(store, cid)
         .await
         .map(|m| m.chosen)
@@ -564,7 +612,7 @@ pub async fn gc(
     let root = store.root_uri();
     let mut referenced: HashSet<String> = HashSet::new();
     let mut chosen_keys: HashSet<String> = HashSet::new();
-    let mut stream = Box::pin(choose_all(store, &rec, frags, Some(&objects), &prefer).await);
+    let mut stream = Box::pin(choose_all(store, &rec, frags, Some(objects), &prefer).await);
     while let Some(c) = stream.next().await {
         let c = c?;
         if let Some((attempt, batches)) = c.attempt {
@@ -614,4 +662,119 @@ pub async fn gc(
         rep.deleted_bytes += m.size;
     }
     Ok(rep)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::LocalStore;
+
+    async fn setup(st: &LocalStore, total: u64, shard_size: u32) -> CampaignRecord {
+        let spec = Campaign::parse(
+            &format!("name = \"t\"\nseed = 1\nshard_size = {shard_size}\noutput = \"/o\"\n[dataset]\nsource = \"/d\"\n[categories.c.defects.d]\ncount = {total}\n"),
+            std::path::Path::new("/"),
+            "t.toml",
+        )
+        .unwrap();
+        let rec = CampaignRecord {
+            campaign_id: "c-1".into(),
+            plan_digest: "0".repeat(64),
+            plan_version: 1,
+            total_samples: total,
+            shard_count: total.div_ceil(shard_size as u64),
+            shard_size,
+            shard_time_limit_s: 60,
+            seed: 1,
+            created_at: Utc::now(),
+            counts: vec![],
+            spec,
+        };
+        write_record(st, &rec).await.unwrap();
+        rec
+    }
+
+    fn rows(rec: &CampaignRecord, shard: u64, attempt: &str) -> Vec<crate::manifest::ManifestRow> {
+        let s = rec.shard_size as u64;
+        (shard * s..((shard + 1) * s).min(rec.total_samples))
+            .map(|i| {
+                let mut r = crate::manifest::example_row(i);
+                r.sample_id = ids::sample_id(1, i);
+                r.shard_id = ids::shard_id(shard);
+                r.attempt = attempt.into();
+                r
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn finalize_rolls_parts_keeps_one_attempt_and_reports_gaps() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = LocalStore::new(dir.path());
+        let rec = setup(&st, 50, 4).await; // 13 shards
+        for shard in 0..rec.shard_count {
+            if shard == 7 {
+                continue; // never committed
+            }
+            for attempt in ["0001-a", "0002-b"] {
+                let body = crate::manifest::write_parquet(&rows(&rec, shard, attempt)).unwrap();
+                st.put(
+                    &layout::fragment("c-1", &ids::shard_id(shard), attempt),
+                    Bytes::from(body),
+                    "x",
+                )
+                .await
+                .unwrap();
+            }
+        }
+        // a fragment with the wrong samples is rejected in favour of the valid later attempt
+        let wrong = crate::manifest::write_parquet(&rows(&rec, 2, "0000-z")[..2]).unwrap();
+        st.put(
+            &layout::fragment("c-1", &ids::shard_id(2), "0000-z"),
+            Bytes::from(wrong),
+            "x",
+        )
+        .await
+        .unwrap();
+        let opts = FinalizeOptions {
+            verify_objects: false,
+            rows_per_part: 10,
+        };
+        let idx = finalize(&st, "c-1", opts, &|_, _| {}).await.unwrap();
+        assert_eq!(idx.rows, 46);
+        assert_eq!(idx.missing_shards, vec![ids::shard_id(7)]);
+        assert_eq!(idx.unused_attempts, 11 + 2); // every committed attempt not chosen, the rejected one included
+        assert_eq!(idx.rejected_attempts.len(), 1);
+        assert!(idx.chosen.values().all(|a| a == "0001-a"));
+        assert!(idx.parts.len() >= 4, "{:?}", idx.parts);
+        let mut all = vec![];
+        for p in &idx.parts {
+            let key = p.strip_prefix(&format!("{}/", st.root_uri())).unwrap();
+            all.extend(crate::manifest::read_rows(st.get(key).await.unwrap(), p).unwrap());
+        }
+        let mut ids_seen: Vec<_> = all.iter().map(|r| r.sample_index).collect();
+        ids_seen.sort();
+        ids_seen.dedup();
+        assert_eq!(ids_seen.len(), 46);
+        // a second finalize with bigger parts removes the stale extra parts
+        let idx2 = finalize(
+            &st,
+            "c-1",
+            FinalizeOptions {
+                verify_objects: false,
+                rows_per_part: 1000,
+            },
+            &|_, _| {},
+        )
+        .await
+        .unwrap();
+        assert_eq!((idx2.rows, idx2.parts.len()), (46, 1));
+        assert_eq!(
+            st.list(&layout::manifest_prefix("c-1"))
+                .await
+                .unwrap()
+                .len(),
+            2
+        ); // part + index
+        assert_eq!(idx2.chosen, idx.chosen);
+    }
 }

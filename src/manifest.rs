@@ -209,6 +209,37 @@ pub fn write_batches(batches: &[RecordBatch]) -> Result<Vec<u8>, ManifestError> 
     Ok(buf)
 }
 
+/// Writes manifest batches into one Parquet file incrementally: only the open row group is held
+/// in memory.
+pub struct PartWriter {
+    w: ArrowWriter<Vec<u8>>,
+    rows: usize,
+}
+
+impl PartWriter {
+    pub fn new() -> Result<Self, ManifestError> {
+        Ok(Self {
+            w: ArrowWriter::try_new(Vec::new(), schema(), Some(props(128 * 1024)))
+                .map_err(|e| ManifestError::Write(e.to_string()))?,
+            rows: 0,
+        })
+    }
+    pub fn write(&mut self, b: &RecordBatch) -> Result<(), ManifestError> {
+        self.rows += b.num_rows();
+        self.w
+            .write(b)
+            .map_err(|e| ManifestError::Write(e.to_string()))
+    }
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn finish(self) -> Result<Vec<u8>, ManifestError> {
+        self.w
+            .into_inner()
+            .map_err(|e| ManifestError::Write(e.to_string()))
+    }
+}
+
 /// Reads a Parquet file of the manifest schema into record batches.
 pub fn read_batches(bytes: Bytes, uri: &str) -> Result<Vec<RecordBatch>, ManifestError> {
     let rerr = |e: String| ManifestError::Read {

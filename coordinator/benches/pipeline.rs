@@ -9,7 +9,7 @@
 //!   eval "$(tests/services.sh start)"
 //!   cargo bench -p defectforge-coordinator --bench pipeline
 //! Environment: DEFECTFORGE_BENCH_SAMPLES (default 960), DEFECTFORGE_BENCH_WORKERS ("1,2,4"),
-//! DEFECTFORGE_BENCH_SKIP_1M=1 to skip the million-sample parts.
+//! DEFECTFORGE_BENCH_PARTS (default "put,e2e,submit,finalize") to run only some parts.
 
 use bytes::Bytes;
 use defectforge::ledger::{self, CampaignRecord};
@@ -351,49 +351,54 @@ async fn main() {
         .to_rgb8();
     let png = Bytes::from(defectforge::imaging::encode_png_rgb(&img).unwrap());
     println!("object size: {} bytes (256x256 PNG)", png.len());
-    for w in &workers {
+    let parts = std::env::var("DEFECTFORGE_BENCH_PARTS")
+        .unwrap_or_else(|_| "put,e2e,submit,finalize".into());
+    let part = |p: &str| parts.split(',').any(|x| x == p);
+    for w in workers.iter().filter(|_| part("put")) {
         let rate = raw_put_rate(&env, png.clone(), 2000, 8 * w).await;
         println!("raw S3 PUT, concurrency {:>2}: {rate:>8.0} objects/s = {:>7.0} samples/s (2 objects per sample)", 8 * w, rate / 2.0);
     }
-    for generator in ["noop", "perlin"] {
+    for generator in ["noop", "perlin"].into_iter().filter(|_| part("e2e")) {
         for &w in &workers {
             let r = end_to_end(&env, data.path(), generator, w, samples).await;
             println!("end to end, {generator:>6}, {w} worker(s): {r:>7.1} samples/s ({:.2} ms/sample/worker)", 1000.0 * w as f64 / r);
         }
     }
-    if std::env::var("DEFECTFORGE_BENCH_SKIP_1M").is_ok() {
-        return;
-    }
     // plan + submit of 1,000,000 samples
-    let queue = format!("bench.1m.{:08x}", rand_u32());
     let dir = tempfile::tempdir().unwrap();
-    let cpath = dir.path().join("c.toml");
-    std::fs::write(
-        &cpath,
-        campaign(
-            "million",
-            data.path(),
-            &format!("s3://{}/bench/1m-{:08x}", env.bucket, rand_u32()),
-            1_000_000,
-            "perlin",
-            32,
-        ),
-    )
-    .unwrap();
-    let t = Instant::now();
-    let child = env
-        .cmd("defectforge", &queue)
-        .args(["submit", cpath.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .spawn()
+    if part("submit") {
+        let queue = format!("bench.1m.{:08x}", rand_u32());
+        let cpath = dir.path().join("c.toml");
+        std::fs::write(
+            &cpath,
+            campaign(
+                "million",
+                data.path(),
+                &format!("s3://{}/bench/1m-{:08x}", env.bucket, rand_u32()),
+                1_000_000,
+                "perlin",
+                32,
+            ),
+        )
         .unwrap();
-    let (status, rss) = wait_rusage(child);
-    println!(
+        let t = Instant::now();
+        let child = env
+            .cmd("defectforge", &queue)
+            .args(["submit", cpath.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let (status, rss) = wait_rusage(child);
+        println!(
         "plan + submit 1,000,000 samples (31,250 shards): {:.1} s, peak RSS {} MiB, exit {status}",
         t.elapsed().as_secs_f64(),
         rss / 1024
     );
-    delete_queue(&queue);
+        delete_queue(&queue);
+    }
+    if !part("finalize") {
+        return;
+    }
     // finalize 1,000,000 rows from fragments at the default shard size
     for (label, loc) in [
         (
