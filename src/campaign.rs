@@ -796,15 +796,6 @@ fn parse_defect(
 mod tests {
     use super::*;
 
-    const GOOD: &str = r#"
-name = "Demo run"
-seed = 7
-shard_size = 4
-[dataset]
-source = "data"
-[output]
-"#;
-
     #[test]
     fn reports_every_problem_with_its_key_path() {
         let text = r#"
@@ -875,7 +866,6 @@ scar_width = [2, 8]
         let cut = &c.categories["carpet"].defects["cut"];
         assert_eq!(cut.settings.cutpaste.scar_width, [2, 8]);
         assert_eq!(cut.settings.cutpaste.scar_length, [10, 25]);
-        let _ = GOOD;
     }
 
     #[test]

@@ -2,9 +2,6 @@
 //! Keys are built only from the key-safe campaign id, shard numbers, hex sample ids and attempt
 //! ids, never from user-supplied names, so no category or defect name can escape the prefix.
 
-pub fn campaign_prefix(cid: &str) -> String {
-    format!("campaigns/{cid}/")
-}
 pub fn campaign_record(cid: &str) -> String {
     format!("campaigns/{cid}/campaign.json")
 }

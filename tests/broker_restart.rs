@@ -24,17 +24,7 @@ impl Drop for RestoreBroker {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn campaign_survives_a_broker_restart() {
     let sc = Scenario::new("restart");
-    let local = sc.dir.path().join("dataset");
-    defectforge::demo::materialise(&local).unwrap();
-    let output = sc.s3_uri("out");
-    let camp = sc.write(
-        "c.toml",
-        &demo_campaign("restart", 21, local.to_str().unwrap(), &output, 75, 4, None),
-    );
-    let cid = sc
-        .ok(&["submit", camp.to_str().unwrap()])
-        .trim()
-        .to_string();
+    let (output, cid) = sc.submit_demo(21, 75, 4);
     let mut w1 = sc.worker(
         "a",
         &["--reconnect-window-s", "120", "--http-addr", "127.0.0.1:0"],

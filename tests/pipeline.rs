@@ -108,17 +108,7 @@ async fn two_workers_produce_every_planned_sample_exactly_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_mid_campaign_loses_and_duplicates_nothing() {
     let sc = Scenario::new("kill9");
-    let local = sc.dir.path().join("dataset");
-    defectforge::demo::materialise(&local).unwrap();
-    let output = sc.s3_uri("out");
-    let camp = sc.write(
-        "c.toml",
-        &demo_campaign("kill9", 12, local.to_str().unwrap(), &output, 100, 4, None),
-    );
-    let cid = sc
-        .ok(&["submit", camp.to_str().unwrap()])
-        .trim()
-        .to_string();
+    let (output, cid) = sc.submit_demo(12, 100, 4);
     let mut w1 = sc.worker("victim", &[]);
     let at_kill = sc.wait_status(&cid, &output, Duration::from_secs(300), |v| {
         v["committed"].as_u64().unwrap_or(0) > 0

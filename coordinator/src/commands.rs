@@ -437,7 +437,9 @@ pub async fn run(
     }
     let rec = ledger::read_record(st.as_ref(), &cid).await?;
     let todo = ledger::uncommitted_shards(st.as_ref(), &rec).await?;
-    let q = InProcQueue::new(3);
+    // embedded mode: deliveries of one shard before it is dead-lettered
+    const EMBEDDED_DELIVERY_LIMIT: u64 = 3;
+    let q = InProcQueue::new(EMBEDDED_DELIVERY_LIMIT);
     publish_shards(&q, &plan, &todo).await?;
     q.close_when_drained();
     let n = workers
@@ -455,7 +457,7 @@ pub async fn run(
     let worker = Arc::new(Worker::new(WorkerConfig {
         worker_id: format!("embedded-{}", std::process::id()),
         s3: s3.clone(),
-        delivery_limit: 3,
+        delivery_limit: EMBEDDED_DELIVERY_LIMIT,
         ..WorkerConfig::default()
     }));
     let (_tx, rx) = tokio::sync::watch::channel(false);

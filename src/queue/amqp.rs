@@ -180,11 +180,6 @@ impl AmqpQueue {
         &self.cfg
     }
 
-    /// True while the connection is usable.
-    pub fn is_connected(&self) -> bool {
-        self.conn.status().connected()
-    }
-
     pub async fn close(&self) {
         let _ = self.conn.close(200, "bye".into()).await;
     }

@@ -25,19 +25,6 @@ pub enum QueueError {
     Lost(String),
 }
 
-impl QueueError {
-    /// Connection-level failures after which a worker should reconnect.
-    pub fn is_connection_loss(&self) -> bool {
-        matches!(
-            self,
-            QueueError::Lost(_)
-                | QueueError::Connect { .. }
-                | QueueError::Broker { .. }
-                | QueueError::Timeout { .. }
-        )
-    }
-}
-
 /// What happens to a delivery after processing.
 #[async_trait]
 pub trait Acker: Send + Sync {

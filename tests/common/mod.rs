@@ -160,6 +160,31 @@ impl Scenario {
         p
     }
 
+    /// Materialises the demo dataset locally, submits a campaign over it to an S3 output with
+    /// `per_type` samples per defect type, and returns (output URI, campaign id).
+    pub fn submit_demo(&self, seed: u64, per_type: u64, shard_size: u32) -> (String, String) {
+        let local = self.dir.path().join("dataset");
+        defectforge::demo::materialise(&local).unwrap();
+        let output = self.s3_uri("out");
+        let camp = self.write(
+            "c.toml",
+            &demo_campaign(
+                &self.name,
+                seed,
+                local.to_str().unwrap(),
+                &output,
+                per_type,
+                shard_size,
+                None,
+            ),
+        );
+        let cid = self
+            .ok(&["submit", camp.to_str().unwrap()])
+            .trim()
+            .to_string();
+        (output, cid)
+    }
+
     /// Polls `status --json` until `pred` holds or the timeout passes.
     pub fn wait_status(
         &self,

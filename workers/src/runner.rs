@@ -291,7 +291,7 @@ fn from_store(e: StoreError, input: bool) -> ShardError {
         e @ (StoreError::Auth { .. } | StoreError::NoBucket { .. }) => {
             ShardError::Fatal(e.to_string())
         }
-        e if e.is_transient() => ShardError::Transient(e.to_string()),
+        // transient (5xx, timeouts) or unclassified: retried later, never dead-lettered
         e => ShardError::Transient(e.to_string()),
     }
 }
@@ -303,8 +303,10 @@ struct Inputs {
 }
 
 struct Computed {
-    image_png: Vec<u8>,
-    mask_png: Vec<u8>,
+    image_png: Bytes,
+    mask_png: Bytes,
+    image_sha256: String,
+    mask_sha256: String,
     width: u32,
     height: u32,
     stats: imaging::MaskStats,
@@ -675,11 +677,11 @@ impl Worker {
         for (s, c) in msg.samples.iter().zip(&computed) {
             uploads.push((
                 layout::sample_image(cid, &s.sample_id, &attempt),
-                Bytes::from(c.image_png.clone()),
+                c.image_png.clone(),
             ));
             uploads.push((
                 layout::sample_mask(cid, &s.sample_id, &attempt),
-                Bytes::from(c.mask_png.clone()),
+                c.mask_png.clone(),
             ));
         }
         let store2 = store.clone();
@@ -802,9 +804,9 @@ fn row(
         bbox_y: c.stats.bbox.1,
         bbox_w: c.stats.bbox.2,
         bbox_h: c.stats.bbox.3,
-        image_sha256: ids::sha256_hex(&c.image_png),
+        image_sha256: c.image_sha256.clone(),
         image_size: c.image_png.len() as u64,
-        mask_sha256: ids::sha256_hex(&c.mask_png),
+        mask_sha256: c.mask_sha256.clone(),
         mask_size: c.mask_png.len() as u64,
         mean_abs_change_inside: c.change.0,
         mean_abs_change_outside: c.change.1,
@@ -948,11 +950,16 @@ fn compute(
         let change = imaging::change_inside_outside(&normals[i], &final_img, &masks_v[i]);
         let t = &msg.types[msg.samples[i].type_idx as usize];
         let g = &gens[t.generator.as_str()];
+        // encoding and hashing stay on this blocking thread, off the async runtime
+        let image_png = imaging::encode_png_rgb(&final_img)
+            .map_err(|e| ShardError::Transient(e.to_string()))?;
+        let mask_png = imaging::encode_png_gray(&masks_v[i])
+            .map_err(|e| ShardError::Transient(e.to_string()))?;
         out.push(Computed {
-            image_png: imaging::encode_png_rgb(&final_img)
-                .map_err(|e| ShardError::Transient(e.to_string()))?,
-            mask_png: imaging::encode_png_gray(&masks_v[i])
-                .map_err(|e| ShardError::Transient(e.to_string()))?,
+            image_sha256: ids::sha256_hex(&image_png),
+            mask_sha256: ids::sha256_hex(&mask_png),
+            image_png: Bytes::from(image_png),
+            mask_png: Bytes::from(mask_png),
             width: final_img.width(),
             height: final_img.height(),
             stats: imaging::mask_stats(&masks_v[i]),
