@@ -8,7 +8,21 @@ use std::path::{Path, PathBuf};
 
 /// Generators a campaign may name. The worker's registry implements exactly these (a test in the
 /// workers crate checks it).
-pub const KNOWN_GENERATORS: &[&str] = &["perlin", "cutpaste", "noop", "attempt-noise"];
+pub const KNOWN_GENERATORS: &[&str] = &[
+    "perlin",
+    "cutpaste",
+    "noop",
+    "attempt-noise",
+    "anomalydiffusion",
+];
+
+/// MVTec AD's texture categories: AnomalyDiffusion's adaptive attention re-weighting is on by
+/// default for these (the official `run-mvtec.py` recommends it for texture-type anomalies) and
+/// off for object categories.
+pub const TEXTURE_CATEGORIES: &[&str] = &["carpet", "grid", "leather", "tile", "wood"];
+
+/// Re-weighting modes of the AnomalyDiffusion sampler (see the engine's `AarMode`).
+pub const REWEIGHTING_MODES: &[&str] = &["off", "official", "legacy", "paper"];
 
 /// Default number of samples per shard: a shard is one queue message and one unit of retry. At
 /// diffusion speeds (seconds per sample on a GPU) 32 samples are a few minutes of work.
@@ -147,12 +161,60 @@ impl Default for CutPasteSettings {
     }
 }
 
+/// AnomalyDiffusion generation parameters (docs/campaign.md, "anomalydiffusion").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AnomalyDiffusionSettings {
+    /// the imported model directory (`…/models/<id>`, local or s3://), as printed by
+    /// `defectforge models import`
+    pub model: Option<String>,
+    /// the learned embedding to use; `None` = "<category>+<defect>"
+    pub embedding: Option<String>,
+    /// DDIM steps (official: 200)
+    pub steps: u32,
+    /// DDIM eta (official: 1)
+    pub eta: f32,
+    /// adaptive attention re-weighting: off, official, legacy or paper (resolved from the
+    /// category when the campaign says "auto" or nothing)
+    pub reweighting: String,
+    /// spatial-encoder BatchNorm: "eval" (running statistics; per-sample deterministic) or
+    /// "batch" (the official generation script's batch statistics)
+    pub spatial_bn: String,
+    /// prompt with the placeholder `*`, or "random" for the official template list (chosen
+    /// per sample from its seed)
+    pub prompt: String,
+    /// paste the normal image back outside the mask, blending over `feather_px` pixels
+    pub background_paste: bool,
+    pub feather_px: f32,
+    /// write outputs at the normal image's own resolution by compositing the generated masked
+    /// region into the original (implies a background paste); otherwise outputs are 256×256
+    pub full_resolution: bool,
+}
+
+impl Default for AnomalyDiffusionSettings {
+    fn default() -> Self {
+        Self {
+            model: None,
+            embedding: None,
+            steps: 200,
+            eta: 1.0,
+            reweighting: "off".into(),
+            spatial_bn: "eval".into(),
+            prompt: "random".into(),
+            background_paste: false,
+            feather_px: 3.0,
+            full_resolution: false,
+        }
+    }
+}
+
 /// Everything a generator and a mask source need for one defect type; copied into every sample
 /// message so that workers hold no campaign state.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct GeneratorSettings {
     pub perlin: PerlinSettings,
     pub cutpaste: CutPasteSettings,
+    #[serde(default)]
+    pub anomalydiffusion: AnomalyDiffusionSettings,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -594,7 +656,9 @@ impl Campaign {
                                     w.problems.push(format!("{dpath}: expected a table"));
                                     continue;
                                 };
-                                if let Some(spec) = parse_defect(&mut w, d, &dpath, base, layout) {
+                                if let Some(spec) =
+                                    parse_defect(&mut w, d, &dpath, base, layout, cname)
+                                {
                                     defects.insert(dname.clone(), spec);
                                 }
                             }
@@ -666,6 +730,7 @@ fn parse_defect(
     dpath: &str,
     base: &Path,
     layout: Option<Layout>,
+    category: &str,
 ) -> Option<DefectSpec> {
     w.unknown(
         d,
@@ -678,6 +743,7 @@ fn parse_defect(
             "few_shot_split",
             "perlin",
             "cutpaste",
+            "anomalydiffusion",
         ],
     );
     let count = w.int_opt(d, dpath, "count", 1);
@@ -782,6 +848,7 @@ fn parse_defect(
             settings.cutpaste.scar_length = s;
         }
     }
+    parse_anomalydiffusion(w, d, dpath, base, category, &generator, &mut settings);
     Some(DefectSpec {
         count: count? as u64,
         generator,
@@ -790,6 +857,110 @@ fn parse_defect(
         few_shot_split: split,
         settings,
     })
+}
+
+fn parse_anomalydiffusion(
+    w: &mut Walker,
+    d: &toml::Table,
+    dpath: &str,
+    base: &Path,
+    category: &str,
+    generator: &str,
+    settings: &mut GeneratorSettings,
+) {
+    let ap = format!("{dpath}.anomalydiffusion");
+    let s = &mut settings.anomalydiffusion;
+    let mut reweighting = None;
+    if let Some(a) = w.table(d, dpath, "anomalydiffusion") {
+        w.unknown(
+            a,
+            &ap,
+            &[
+                "model",
+                "embedding",
+                "steps",
+                "eta",
+                "reweighting",
+                "spatial_bn",
+                "prompt",
+                "background_paste",
+                "feather_px",
+                "full_resolution",
+            ],
+        );
+        if let Some(m) = w.str_opt(a, &ap, "model") {
+            check_location(w, &format!("{ap}.model"), &m);
+            s.model = Some(resolve_location(base, &m));
+        }
+        if let Some(e) = w.str_opt(a, &ap, "embedding") {
+            if e.is_empty() {
+                w.problems.push(format!("{ap}.embedding must not be empty"));
+            }
+            s.embedding = Some(e);
+        }
+        if let Some(n) = w.int_opt(a, &ap, "steps", 1) {
+            if n > 1000 {
+                w.problems
+                    .push(format!("{ap}.steps must be <= 1000 (got {n})"));
+            } else if 1000 % n != 0 {
+                w.problems.push(format!(
+                    "{ap}.steps: {n} does not divide the 1000 diffusion steps (use e.g. 10, 20, 25, 50, 100, 200, 250, 500)"
+                ));
+            }
+            s.steps = n as u32;
+        }
+        if let Some(e) = w.f32_opt(a, &ap, "eta", 0.0, 1.0) {
+            s.eta = e;
+        }
+        reweighting = w.str_opt(a, &ap, "reweighting");
+        if let Some(b) = w.str_opt(a, &ap, "spatial_bn") {
+            if b != "eval" && b != "batch" {
+                w.problems.push(format!(
+                    "{ap}.spatial_bn: unknown mode {b:?} (expected \"eval\" or \"batch\")"
+                ));
+            }
+            s.spatial_bn = b;
+        }
+        if let Some(p) = w.str_opt(a, &ap, "prompt") {
+            if p != "random" && p.matches('*').count() != 1 {
+                w.problems.push(format!(
+                    "{ap}.prompt: {p:?} must contain the placeholder * exactly once (or be \"random\")"
+                ));
+            }
+            s.prompt = p;
+        }
+        if let Some(b) = w.bool_opt(a, &ap, "background_paste") {
+            s.background_paste = b;
+        }
+        if let Some(f) = w.f32_opt(a, &ap, "feather_px", 0.0, 64.0) {
+            s.feather_px = f;
+        }
+        if let Some(b) = w.bool_opt(a, &ap, "full_resolution") {
+            s.full_resolution = b;
+        }
+    }
+    s.reweighting = match reweighting.as_deref() {
+        None | Some("auto") => {
+            if TEXTURE_CATEGORIES.contains(&category) {
+                "official".into()
+            } else {
+                "off".into()
+            }
+        }
+        Some(m) if REWEIGHTING_MODES.contains(&m) => m.to_string(),
+        Some(m) => {
+            w.problems.push(format!(
+                "{ap}.reweighting: unknown mode {m:?} (expected auto, {})",
+                REWEIGHTING_MODES.join(", ")
+            ));
+            "off".into()
+        }
+    };
+    if generator == "anomalydiffusion" && s.model.is_none() {
+        w.problems.push(format!(
+            "{ap}.model: missing (generator \"anomalydiffusion\" needs the model directory printed by `defectforge models import`, e.g. \"s3://bucket/models/ad-…\")"
+        ));
+    }
 }
 
 #[cfg(test)]
@@ -875,5 +1046,83 @@ scar_width = [2, 8]
         assert_eq!(FewShotSplit::Disjoint.take(10), 3);
         assert_eq!(FewShotSplit::Disjoint.take(2), 1);
         assert_eq!(FewShotSplit::Official.take(1), 1);
+    }
+
+    #[test]
+    fn every_example_config_parses() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().and_then(|e| e.to_str()) == Some("toml") {
+                Campaign::load(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                n += 1;
+            }
+        }
+        assert!(n >= 4, "only {n} example configs");
+    }
+
+    #[test]
+    fn anomalydiffusion_settings_are_validated_and_defaulted() {
+        let base = |extra: &str, cat: &str| {
+            format!(
+                "name = \"x\"\nseed = 1\noutput = \"/tmp/o\"\n[dataset]\nsource = \"/tmp/d\"\n[categories.{cat}.defects.d]\ncount = 1\ngenerator = \"anomalydiffusion\"\n{extra}"
+            )
+        };
+        let ok = Campaign::parse(
+            &base(
+                "[categories.wood.defects.d.anomalydiffusion]\nmodel = \"s3://b/models/ad-1\"\nsteps = 50",
+                "wood",
+            ),
+            Path::new("/"),
+            "t",
+        )
+        .unwrap();
+        let s = &ok.categories["wood"].defects["d"].settings.anomalydiffusion;
+        assert_eq!(
+            s.reweighting, "official",
+            "texture categories re-weight by default"
+        );
+        assert_eq!(s.steps, 50);
+        assert_eq!(s.spatial_bn, "eval");
+        let obj = Campaign::parse(
+            &base(
+                "[categories.bottle.defects.d.anomalydiffusion]\nmodel = \"m\"",
+                "bottle",
+            ),
+            Path::new("/"),
+            "t",
+        )
+        .unwrap();
+        let s = &obj.categories["bottle"].defects["d"]
+            .settings
+            .anomalydiffusion;
+        assert_eq!(s.reweighting, "off", "objects do not re-weight by default");
+        assert_eq!(
+            s.model.as_deref(),
+            Some("/m"),
+            "relative model paths resolve"
+        );
+        let err = Campaign::parse(
+            &base(
+                "[categories.wood.defects.d.anomalydiffusion]\nsteps = 300\nreweighting = \"sometimes\"\nprompt = \"no placeholder\"\nspatial_bn = \"train\"\neta = 2.0\ncolour = 1",
+                "wood",
+            ),
+            Path::new("/"),
+            "t",
+        )
+        .unwrap_err()
+        .to_string();
+        for want in [
+            "anomalydiffusion.model: missing",
+            "anomalydiffusion.steps: 300 does not divide",
+            "anomalydiffusion.reweighting: unknown mode \"sometimes\"",
+            "anomalydiffusion.prompt",
+            "anomalydiffusion.spatial_bn",
+            "anomalydiffusion.eta must be in [0, 1]",
+            "anomalydiffusion.colour: unknown key",
+        ] {
+            assert!(err.contains(want), "{want} missing from {err}");
+        }
     }
 }

@@ -140,6 +140,37 @@ pub fn change_inside_outside(normal: &RgbImage, out: &RgbImage, mask: &GrayImage
     (f(si, ni), f(so, no))
 }
 
+/// PSNR (dB, peak 255) of `out` against `normal` over the pixels outside the mask; infinite when
+/// they are identical (or when the mask covers everything).
+pub fn background_psnr(normal: &RgbImage, out: &RgbImage, mask: &GrayImage) -> f32 {
+    let (mut se, mut n) = (0u64, 0u64);
+    for ((a, b), m) in normal.pixels().zip(out.pixels()).zip(mask.pixels()) {
+        if m.0[0] == 0 {
+            for c in 0..3 {
+                let d = a.0[c].abs_diff(b.0[c]) as u64;
+                se += d * d;
+            }
+            n += 3;
+        }
+    }
+    if se == 0 || n == 0 {
+        return f32::INFINITY;
+    }
+    let mse = se as f64 / n as f64;
+    (10.0 * (255.0f64 * 255.0 / mse).log10()) as f32
+}
+
+/// Resizes a binary mask the way the official AnomalyDiffusion loader does (bicubic resize,
+/// then binarised at one half): 0/255 out.
+pub fn resize_mask(mask: &GrayImage, w: u32, h: u32) -> GrayImage {
+    binarize(&image::imageops::resize(
+        mask,
+        w,
+        h,
+        image::imageops::FilterType::CatmullRom,
+    ))
+}
+
 /// Number of pixels outside the mask that differ from the normal image (must be 0).
 pub fn changed_outside(normal: &RgbImage, out: &RgbImage, mask: &GrayImage) -> u64 {
     normal

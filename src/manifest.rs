@@ -17,7 +17,7 @@ use parquet::file::properties::WriterProperties;
 use std::sync::{Arc, OnceLock};
 
 /// Bumped when columns change meaning; written as Parquet key-value metadata.
-pub const MANIFEST_VERSION: &str = "1";
+pub const MANIFEST_VERSION: &str = "2";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ManifestRow {
@@ -52,6 +52,16 @@ pub struct ManifestRow {
     pub mask_size: u64,
     pub mean_abs_change_inside: f32,
     pub mean_abs_change_outside: f32,
+    /// PSNR (dB, peak 255) of the output against the normal image outside the mask; infinite
+    /// when the background is exact
+    pub background_psnr: f32,
+    /// the normal image's own size; differs from width/height when a generator working at a
+    /// fixed resolution (AnomalyDiffusion: 256×256) resized it
+    pub normal_width: u32,
+    pub normal_height: u32,
+    /// diffusion generators: DDIM steps and adaptive attention re-weighting mode
+    pub diffusion_steps: Option<u32>,
+    pub reweighting: Option<String>,
     pub worker_id: String,
     pub attempt: String,
     pub duration_ms: f32,
@@ -99,6 +109,11 @@ pub fn schema() -> SchemaRef {
             f("mask_size", UInt64),
             f("mean_abs_change_inside", Float32),
             f("mean_abs_change_outside", Float32),
+            f("background_psnr", Float32),
+            f("normal_width", UInt32),
+            f("normal_height", UInt32),
+            Field::new("diffusion_steps", UInt32, true),
+            Field::new("reweighting", Utf8, true),
             f("worker_id", Utf8),
             f("attempt", Utf8),
             f("duration_ms", Float32),
@@ -171,6 +186,15 @@ pub fn to_batch(rows: &[ManifestRow]) -> Result<RecordBatch, ManifestError> {
         u64s(rows, |r| r.mask_size),
         f32s(rows, |r| r.mean_abs_change_inside),
         f32s(rows, |r| r.mean_abs_change_outside),
+        f32s(rows, |r| r.background_psnr),
+        u32s(rows, |r| r.normal_width),
+        u32s(rows, |r| r.normal_height),
+        Arc::new(
+            rows.iter()
+                .map(|r| r.diffusion_steps)
+                .collect::<UInt32Array>(),
+        ),
+        so(rows, |r| r.reweighting.as_deref()),
         s(rows, |r| &r.worker_id),
         s(rows, |r| &r.attempt),
         f32s(rows, |r| r.duration_ms),
@@ -310,6 +334,14 @@ pub fn rows_from_batches(batches: &[RecordBatch]) -> Vec<ManifestRow> {
                 mask_size: u64c("mask_size").value(i),
                 mean_abs_change_inside: f32c("mean_abs_change_inside").value(i),
                 mean_abs_change_outside: f32c("mean_abs_change_outside").value(i),
+                background_psnr: f32c("background_psnr").value(i),
+                normal_width: u32c("normal_width").value(i),
+                normal_height: u32c("normal_height").value(i),
+                diffusion_steps: {
+                    let a = u32c("diffusion_steps");
+                    (!a.is_null(i)).then(|| a.value(i))
+                },
+                reweighting: opt(s("reweighting"), i),
                 worker_id: s("worker_id").value(i).into(),
                 attempt: s("attempt").value(i).into(),
                 duration_ms: f32c("duration_ms").value(i),
@@ -372,6 +404,11 @@ pub(crate) fn example_row(i: u64) -> ManifestRow {
         mask_size: 200,
         mean_abs_change_inside: 12.5,
         mean_abs_change_outside: 0.0,
+        background_psnr: f32::INFINITY,
+        normal_width: 256,
+        normal_height: 256,
+        diffusion_steps: None,
+        reweighting: None,
         worker_id: "w1".into(),
         attempt: "0190-aa".into(),
         duration_ms: 3.5,

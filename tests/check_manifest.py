@@ -17,7 +17,7 @@ assert parts, "no manifest parts"
 table = pq.read_table(parts, filesystem=fs)
 assert table.num_rows == int(expected), (table.num_rows, expected)
 meta = pq.ParquetFile(parts[0], filesystem=fs).metadata.metadata
-assert meta[b"defectforge.manifest_version"] == b"1", meta
+assert meta[b"defectforge.manifest_version"] == b"2", meta
 con = duckdb.connect()
 con.register("m", table)
 dup = con.execute("select count(*) - count(distinct sample_id) from m").fetchone()[0]
@@ -26,6 +26,11 @@ by_type = con.execute("select category, defect_type, count(*) from m group by 1,
 print("rows per type:", by_type)
 outside = con.execute("select max(mean_abs_change_outside) from m").fetchone()[0]
 assert outside == 0, outside
+# model-free generators keep the background exactly: PSNR is infinite, sizes are the normal's
+psnr = con.execute("select min(background_psnr) from m").fetchone()[0]
+assert psnr == float("inf"), psnr
+resized = con.execute("select count(*) from m where width != normal_width or height != normal_height").fetchone()[0]
+assert resized == 0, resized
 for row in table.select(["image_uri", "image_size", "image_sha256", "mask_uri", "mask_size", "mask_sha256"]).to_pylist():
     for kind in ("image", "mask"):
         path = row[f"{kind}_uri"].removeprefix("s3://")

@@ -204,7 +204,11 @@ async fn a_shard_run_twice_at_once_yields_one_row_per_sample() {
     q.publish(vec![body.clone(), body]).await.unwrap();
     let barrier = Arc::new(Barrier::new(2));
     let mk = |id: &str| {
-        let mut g = defectforge_worker::generators::registry();
+        let cache = Arc::new(defectforge_worker::models::ModelCache::new(
+            std::env::temp_dir().join("defectforge-test-models"),
+            sc.s3(),
+        ));
+        let mut g = defectforge_worker::generators::registry(cache);
         g.insert("attempt-noise", Arc::new(Rendezvous(barrier.clone())));
         Arc::new(Worker::with_generators(
             WorkerConfig {

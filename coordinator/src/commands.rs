@@ -505,3 +505,48 @@ pub async fn run(
         1
     })
 }
+
+/// `models import`: converts, checks and uploads a model; prints its URI (or the manifest).
+pub async fn models_import(
+    inputs: defectforge_worker::models::ImportInputs,
+    to: &str,
+    staging: &Path,
+    json: bool,
+    s3: &S3Config,
+) -> Result<i32> {
+    let t0 = Instant::now();
+    eprintln!("importing into {to} (converting and checking every tensor; the full-size model takes minutes)");
+    let (manifest, uri) = defectforge_worker::models::import(inputs, to, s3, staging)
+        .await
+        .context("model import failed")?;
+    eprintln!(
+        "imported {} ({} defect types: {}) in {:.1} s",
+        manifest.id,
+        manifest.defect_types.len(),
+        manifest.defect_types.join(", "),
+        t0.elapsed().as_secs_f64()
+    );
+    if json {
+        println!("{}", serde_json::to_string_pretty(&manifest)?);
+    } else {
+        println!("{uri}");
+    }
+    Ok(0)
+}
+
+/// `models show`: fetches and checks a model's manifest and prints it.
+pub async fn models_show(model: &str, s3: &S3Config) -> Result<i32> {
+    let st = defectforge::store::open(model.trim_end_matches('/'), s3).await?;
+    let bytes = st
+        .get(defectforge_worker::models::MANIFEST_FILE)
+        .await
+        .with_context(|| format!("{model} is not a model directory"))?;
+    let m: defectforge_worker::models::ModelManifest = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{model}/model.json is not a model manifest"))?;
+    let (digest, _) = defectforge_worker::models::content_id(&m.files);
+    if digest != m.digest {
+        bail!("{model}/model.json: its digest does not match its file list");
+    }
+    println!("{}", serde_json::to_string_pretty(&m)?);
+    Ok(0)
+}

@@ -135,6 +135,56 @@ enum Cmd {
     },
     /// Write the procedural demo dataset (MVTec layout) into a directory
     DemoData { dir: PathBuf },
+    /// Import and inspect AnomalyDiffusion models
+    Models {
+        #[command(subcommand)]
+        cmd: ModelsCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ModelsCmd {
+    /// Convert the official files (LDM model.ckpt + YAML + vocab.txt, embeddings.pt,
+    /// spatial_encoder.pt) into a content-hashed model directory under <to>/models/<id>;
+    /// prints the model URI to put in campaigns (anomalydiffusion.model)
+    Import {
+        /// the LDM txt2img checkpoint (model.ckpt, or its safetensors twin)
+        #[arg(long, env = "DEFECTFORGE_LDM_CKPT")]
+        ldm_ckpt: PathBuf,
+        /// the LDM config: the official YAML (txt2img-1p4B-eval.yaml) or its JSON equivalent
+        #[arg(long, env = "DEFECTFORGE_LDM_CONFIG")]
+        ldm_config: PathBuf,
+        /// bert-base-uncased's vocab.txt
+        #[arg(long, env = "DEFECTFORGE_VOCAB")]
+        vocab: PathBuf,
+        /// the AnomalyDiffusion embeddings.pt (or a flat safetensors copy)
+        #[arg(long, env = "DEFECTFORGE_EMBEDDINGS")]
+        embeddings: PathBuf,
+        /// the AnomalyDiffusion spatial_encoder.pt (or safetensors)
+        #[arg(long, env = "DEFECTFORGE_SPATIAL_ENCODER")]
+        spatial_encoder: PathBuf,
+        /// the spatial encoder's shape as JSON (default: inferred from its tensors)
+        #[arg(long, env = "DEFECTFORGE_SPATIAL_CONFIG")]
+        spatial_config: Option<PathBuf>,
+        /// where models live: a directory or s3://bucket/prefix (the model goes to <to>/models/<id>)
+        #[arg(long, env = "DEFECTFORGE_MODELS")]
+        to: String,
+        /// local scratch folder for the conversion (needs about twice the checkpoint's size)
+        #[arg(long, env = "DEFECTFORGE_STAGING", default_value_os_t = std::env::temp_dir())]
+        staging: PathBuf,
+        /// print the manifest as JSON instead of the URI
+        #[arg(long, env = "DEFECTFORGE_JSON")]
+        json: bool,
+        #[command(flatten)]
+        s3: S3Args,
+    },
+    /// Print a model's manifest (model.json) after checking it
+    Show {
+        /// the model URI printed by `models import` (…/models/<id>)
+        model: String,
+        #[command(flatten)]
+        s3: S3Args,
+    },
 }
 
 #[tokio::main]
@@ -174,6 +224,34 @@ async fn main() {
         Cmd::DemoData { dir } => defectforge::demo::materialise(&dir)
             .map(|_| 0)
             .map_err(Into::into),
+        Cmd::Models {
+            cmd:
+                ModelsCmd::Import {
+                    ldm_ckpt,
+                    ldm_config,
+                    vocab,
+                    embeddings,
+                    spatial_encoder,
+                    spatial_config,
+                    to,
+                    staging,
+                    json,
+                    s3,
+                },
+        } => {
+            let inputs = defectforge_worker::models::ImportInputs {
+                ldm_checkpoint: ldm_ckpt,
+                ldm_config,
+                vocab,
+                embeddings,
+                spatial_encoder,
+                spatial_config,
+            };
+            commands::models_import(inputs, &to, &staging, json, &s3.config()).await
+        }
+        Cmd::Models {
+            cmd: ModelsCmd::Show { model, s3 },
+        } => commands::models_show(&model, &s3.config()).await,
     };
     match r {
         Ok(code) => std::process::exit(code),

@@ -15,8 +15,9 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use aws_sdk_s3::Client;
 use bytes::Bytes;
+use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Objects larger than this are uploaded in parts.
@@ -58,14 +59,29 @@ impl S3Config {
     }
 }
 
-fn clients() -> &'static Mutex<HashMap<S3Config, Client>> {
-    static C: OnceLock<Mutex<HashMap<S3Config, Client>>> = OnceLock::new();
-    C.get_or_init(Default::default)
+/// One cached client per (thread, runtime, config). An SDK client's connection pool spawns its
+/// connection tasks on the runtime that first used it; once that runtime is dropped, every pooled
+/// connection fails with "runtime dropped the dispatch task". So a client is only reused on the
+/// runtime that built it: the cache is per thread (tokio's worker and blocking threads belong to
+/// one runtime) and each entry holds a liveness token owned by a task on its runtime, which dies
+/// with the runtime (covers several runtimes run one after another on the same thread).
+struct CachedClient {
+    alive: std::sync::Weak<()>,
+    client: Client,
+}
+
+thread_local! {
+    static CLIENTS: RefCell<HashMap<S3Config, CachedClient>> = RefCell::new(HashMap::new());
 }
 
 async fn client_for(cfg: &S3Config) -> Client {
-    if let Some(c) = clients().lock().expect("client cache").get(cfg) {
-        return c.clone();
+    let cached = CLIENTS.with(|c| {
+        let mut c = c.borrow_mut();
+        c.retain(|_, v| v.alive.strong_count() > 0);
+        c.get(cfg).map(|v| v.client.clone())
+    });
+    if let Some(c) = cached {
+        return c;
     }
     let region = Region::new(cfg.region.clone().unwrap_or_else(|| "us-east-1".into()));
     let timeouts = TimeoutConfig::builder()
@@ -98,10 +114,21 @@ async fn client_for(cfg: &S3Config) -> Client {
         b = b.force_path_style(ps);
     }
     let client = Client::from_conf(b.build());
-    clients()
-        .lock()
-        .expect("client cache")
-        .insert(cfg.clone(), client.clone());
+    let token = Arc::new(());
+    let alive = Arc::downgrade(&token);
+    tokio::spawn(async move {
+        let _token = token;
+        std::future::pending::<()>().await
+    });
+    CLIENTS.with(|c| {
+        c.borrow_mut().insert(
+            cfg.clone(),
+            CachedClient {
+                alive,
+                client: client.clone(),
+            },
+        )
+    });
     client
 }
 

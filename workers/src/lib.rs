@@ -4,4 +4,5 @@
 pub mod cli;
 pub mod generators;
 pub mod http;
+pub mod models;
 pub mod runner;

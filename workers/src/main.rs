@@ -42,6 +42,9 @@ struct Args {
     /// exit 0 after this many seconds without a delivery (unset: run until stopped)
     #[arg(long, env = "DEFECTFORGE_IDLE_EXIT_S")]
     idle_exit_s: Option<u64>,
+    /// local folder where model files are cached (verified by digest) between shards and runs
+    #[arg(long, env = "DEFECTFORGE_MODEL_CACHE", default_value_os_t = defectforge_worker::models::default_cache_dir())]
+    model_cache: std::path::PathBuf,
     /// address of the HTTP endpoint (/healthz, /readyz, /metrics); `off` disables it
     #[arg(long, env = "DEFECTFORGE_HTTP_ADDR", default_value = "0.0.0.0:9090")]
     http_addr: String,
@@ -75,6 +78,7 @@ async fn run(args: Args) -> Result<i32> {
         },
         delivery_limit: args.amqp.delivery_limit as u64,
         upload_concurrency: 8,
+        model_cache: args.model_cache.clone(),
     };
     info!(
         worker = %worker_id,

@@ -35,6 +35,8 @@ pub struct WorkerConfig {
     pub delivery_limit: u64,
     /// concurrent object uploads per shard
     pub upload_concurrency: usize,
+    /// local folder where model files are cached (verified by digest) across restarts
+    pub model_cache: std::path::PathBuf,
 }
 
 impl Default for WorkerConfig {
@@ -45,6 +47,7 @@ impl Default for WorkerConfig {
             retry: Backoff::default(),
             delivery_limit: 5,
             upload_concurrency: 8,
+            model_cache: crate::models::default_cache_dir(),
         }
     }
 }
@@ -311,15 +314,18 @@ struct Computed {
     height: u32,
     stats: imaging::MaskStats,
     change: (f32, f32),
+    psnr: f32,
+    normal_size: (u32, u32),
     generator: String,
     version: String,
-    digest: Option<String>,
+    info: generators::SampleInfo,
     micros: u64,
 }
 
 pub struct Worker {
     pub cfg: WorkerConfig,
     generators: BTreeMap<&'static str, Arc<dyn Generator>>,
+    models: Arc<crate::models::ModelCache>,
     stores: Mutex<HashMap<String, Arc<dyn ObjectStore>>>,
     cancelled: Mutex<HashMap<String, (Instant, bool)>>,
     textures: Mutex<HashMap<String, Arc<Vec<String>>>>,
@@ -328,16 +334,34 @@ pub struct Worker {
 
 impl Worker {
     pub fn new(cfg: WorkerConfig) -> Self {
-        Self::with_generators(cfg, generators::registry())
+        let models = Arc::new(crate::models::ModelCache::new(
+            cfg.model_cache.clone(),
+            cfg.s3.clone(),
+        ));
+        let gens = generators::registry(models.clone());
+        Self::build(cfg, gens, models)
     }
 
     pub fn with_generators(
         cfg: WorkerConfig,
         generators: BTreeMap<&'static str, Arc<dyn Generator>>,
     ) -> Self {
+        let models = Arc::new(crate::models::ModelCache::new(
+            cfg.model_cache.clone(),
+            cfg.s3.clone(),
+        ));
+        Self::build(cfg, generators, models)
+    }
+
+    fn build(
+        cfg: WorkerConfig,
+        generators: BTreeMap<&'static str, Arc<dyn Generator>>,
+        models: Arc<crate::models::ModelCache>,
+    ) -> Self {
         Self {
             cfg,
             generators,
+            models,
             stores: Default::default(),
             cancelled: Default::default(),
             textures: Default::default(),
@@ -656,6 +680,20 @@ impl Worker {
                 });
             }
         }
+        for t in &msg.types {
+            let g = &self.generators[t.generator.as_str()];
+            g.prepare(&t.settings).await.map_err(|e| match e {
+                GenError::Input(c) => ShardError::Permanent {
+                    sample: None,
+                    input_uri: None,
+                    cause: format!("{}/{}: {c}", t.category, t.defect_type),
+                },
+                GenError::Transient(c) => ShardError::Transient(c),
+            })?;
+        }
+        self.counters
+            .model_load_micros
+            .store(self.models.load_micros(), Ordering::Relaxed);
         let attempt = ids::new_attempt_id();
         let inputs = self.fetch_inputs(msg).await?;
         let limit = Duration::from_secs(msg.shard_time_limit_s);
@@ -794,7 +832,7 @@ fn row(
         source_mask_uri: s.mask_uri.clone(),
         generator: c.generator.clone(),
         generator_version: c.version.clone(),
-        model_digest: c.digest.clone(),
+        model_digest: c.info.model_digest.clone(),
         seed: s.seed,
         generator_settings: serde_json::to_string(&t.settings).expect("settings serialize"),
         width: c.width,
@@ -810,6 +848,11 @@ fn row(
         mask_size: c.mask_png.len() as u64,
         mean_abs_change_inside: c.change.0,
         mean_abs_change_outside: c.change.1,
+        background_psnr: c.psnr,
+        normal_width: c.normal_size.0,
+        normal_height: c.normal_size.1,
+        diffusion_steps: c.info.diffusion_steps,
+        reweighting: c.info.reweighting.clone(),
         worker_id: worker_id.to_string(),
         attempt: attempt.to_string(),
         duration_ms: per_sample_ms,
@@ -836,6 +879,7 @@ fn compute(
     let mut normals: Vec<RgbImage> = vec![];
     let mut masks_v: Vec<GrayImage> = vec![];
     let mut textures: Vec<Option<RgbImage>> = vec![];
+    let mut normal_sizes: Vec<(u32, u32)> = vec![];
     for (s, inp) in msg.samples.iter().zip(&inputs) {
         let t = &msg.types[s.type_idx as usize];
         let normal = imaging::decode_rgb(&inp.normal, "normal image", &s.normal_uri)
@@ -888,6 +932,31 @@ fn compute(
             }
             None => None,
         };
+        let g = &gens[t.generator.as_str()];
+        let (normal, mask) = match g.working_size(&t.settings) {
+            Some((ww, wh)) if (ww, wh) != (w, h) => {
+                let n = image::imageops::resize(
+                    &normal,
+                    ww,
+                    wh,
+                    image::imageops::FilterType::CatmullRom,
+                );
+                let m = imaging::resize_mask(&mask, ww, wh);
+                if imaging::mask_stats(&m).area == 0 {
+                    return Err(ShardError::Permanent {
+                        sample: Some((s.sample_id.clone(), s.index)),
+                        input_uri: s.mask_uri.clone(),
+                        cause: format!(
+                            "sample {} (#{}): its mask vanishes when resized from {w}x{h} to the generator's {ww}x{wh}; use a coarser mask or full_resolution = true",
+                            s.sample_id, s.index
+                        ),
+                    });
+                }
+                (n, m)
+            }
+            _ => (normal, mask),
+        };
+        normal_sizes.push((w, h));
         normals.push(normal);
         masks_v.push(mask);
         textures.push(texture);
@@ -906,6 +975,8 @@ fn compute(
         let batch: Vec<GenInput<'_>> = idx
             .iter()
             .map(|&i| GenInput {
+                category: &msg.types[msg.samples[i].type_idx as usize].category,
+                defect_type: &msg.types[msg.samples[i].type_idx as usize].defect_type,
                 normal: &normals[i],
                 mask: &masks_v[i],
                 seed: msg.samples[i].seed,
@@ -946,10 +1017,15 @@ fn compute(
     let mut out = vec![];
     for (i, r) in results.into_iter().enumerate() {
         let (gen_img, micros) = r.expect("every sample generated");
-        let final_img = composite(&normals[i], &gen_img, &masks_v[i]);
-        let change = imaging::change_inside_outside(&normals[i], &final_img, &masks_v[i]);
         let t = &msg.types[msg.samples[i].type_idx as usize];
         let g = &gens[t.generator.as_str()];
+        let final_img = if g.runner_composites(&t.settings) {
+            composite(&normals[i], &gen_img, &masks_v[i])
+        } else {
+            gen_img
+        };
+        let change = imaging::change_inside_outside(&normals[i], &final_img, &masks_v[i]);
+        let psnr = imaging::background_psnr(&normals[i], &final_img, &masks_v[i]);
         // encoding and hashing stay on this blocking thread, off the async runtime
         let image_png = imaging::encode_png_rgb(&final_img)
             .map_err(|e| ShardError::Transient(e.to_string()))?;
@@ -964,9 +1040,11 @@ fn compute(
             height: final_img.height(),
             stats: imaging::mask_stats(&masks_v[i]),
             change,
+            psnr,
+            normal_size: normal_sizes[i],
             generator: g.name().to_string(),
             version: g.version().to_string(),
-            digest: g.model_digest(),
+            info: g.describe(&t.settings),
             micros,
         });
     }

@@ -50,6 +50,38 @@ impl CrossAttention {
         })
     }
 
+    /// The layer's weight prefix (e.g. `mid_block.attentions.0.transformer_blocks.0.attn2`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Number of heads.
+    pub fn heads(&self) -> usize {
+        self.heads
+    }
+
+    /// `to_q(x)` and `to_k(context)` split into heads, `[B, heads, N, d]` each.
+    pub fn project_qk(&self, x: &Tensor, context: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+        let ctx = context.unwrap_or(x);
+        Ok((
+            self.split_heads(&self.to_q.forward(x)?)?,
+            self.split_heads(&self.to_k.forward(ctx)?)?,
+        ))
+    }
+
+    /// This layer alone on `x` `[B, N, C]` (already normalised) with a query grid `hw`, with
+    /// an optional controller (parity checks of one layer, attention studies).
+    pub fn forward_with(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        hw: (usize, usize),
+        controller: Option<&mut dyn crate::control::AttentionController>,
+    ) -> Result<Tensor> {
+        let mut state = ControlState::new(controller);
+        self.forward(x, context, hw, &mut state)
+    }
+
     fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
         let (b, n, _) = x.dims3()?;
         x.reshape((b, n, self.heads, self.dim_head))?
@@ -158,6 +190,11 @@ pub struct BasicTransformerBlock {
 }
 
 impl BasicTransformerBlock {
+    /// The self-attention (`attn1`) and cross-attention (`attn2`) layers.
+    pub fn attentions(&self) -> [&CrossAttention; 2] {
+        [&self.attn1, &self.attn2]
+    }
+
     pub fn new(
         vb: VarBuilder,
         dim: usize,
@@ -224,6 +261,11 @@ pub struct Transformer2DConfig {
 }
 
 impl Transformer2D {
+    /// The transformer blocks.
+    pub fn blocks(&self) -> &[BasicTransformerBlock] {
+        &self.blocks
+    }
+
     pub fn new(vb: VarBuilder, cfg: Transformer2DConfig) -> Result<Self> {
         let c = cfg.channels;
         if cfg.heads == 0 || !c.is_multiple_of(cfg.heads) {

@@ -42,12 +42,17 @@
 //! [`tokenizer`], [`ddim`], [`noise`], [`weights`] (loading with tensor accounting), [`nn`],
 //! [`cpu_ops`] (fused CPU kernels).
 
+pub mod ad_model;
+pub mod anomaly;
 pub mod attention;
+pub mod bert;
 pub mod clip;
 pub mod control;
 pub mod cpu_ops;
 pub mod ddim;
 pub mod error;
+pub mod ldm;
+pub mod ldm_ddim;
 pub mod nn;
 pub mod noise;
 pub mod resnet;
@@ -56,9 +61,12 @@ pub mod unet;
 pub mod vae;
 pub mod weights;
 
+pub use candle_core as candle;
 pub use candle_core::{DType, Device, Tensor};
 pub use control::{AttentionController, AttentionSite};
 pub use ddim::{DdimConfig, DdimScheduler};
 pub use error::{EngineError, Result};
-pub use noise::{NoiseSource, ReplayNoise, SeededNoise};
+pub use noise::{NoiseSource, PerSampleNoise, ReplayNoise, SeededNoise};
 pub use weights::Weights;
+pub mod ad_files;
+pub mod spatial;

@@ -135,3 +135,40 @@ impl NoiseSource for ReplayNoise {
         Ok(next.to_dtype(dtype)?.to_device(device)?)
     }
 }
+
+/// One seeded stream per batch row: a draw of shape `[B, …]` takes row b from stream b, so a
+/// sample's noise depends on its own seed only, never on which other samples share its batch.
+#[derive(Debug, Clone)]
+pub struct PerSampleNoise {
+    streams: Vec<SeededNoise>,
+}
+
+impl PerSampleNoise {
+    /// Streams for the given per-row seeds.
+    pub fn new(seeds: &[u64]) -> Self {
+        Self {
+            streams: seeds.iter().map(|&s| SeededNoise::new(s)).collect(),
+        }
+    }
+}
+
+impl NoiseSource for PerSampleNoise {
+    fn randn(&mut self, shape: &Shape, dtype: DType, device: &Device) -> Result<Tensor> {
+        let dims = shape.dims();
+        if dims.first() != Some(&self.streams.len()) {
+            return Err(EngineError::Noise(format!(
+                "per-sample noise for {} rows asked for shape {dims:?}",
+                self.streams.len()
+            )));
+        }
+        let row: Shape = dims[1..].to_vec().into();
+        let rows = self
+            .streams
+            .iter_mut()
+            .map(|s| s.randn(&row, DType::F32, &Device::Cpu))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::stack(&rows, 0)?
+            .to_dtype(dtype)?
+            .to_device(device)?)
+    }
+}

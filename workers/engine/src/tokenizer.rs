@@ -167,3 +167,93 @@ impl ClipTokenizer {
         &self.tokenizer
     }
 }
+
+/// The WordPiece tokenizer of the LDM text encoder (bert-base-uncased rules, as the official
+/// `BERTTokenizer` calls `BertTokenizerFast`: clean text, CJK spacing, lower-case with accent
+/// stripping, split on whitespace and punctuation, WordPiece with `##` continuations and
+/// `[UNK]`), built from the `vocab.txt` that comes with the model (one token per line, the id
+/// is the line number). Encoding gives `[CLS] tokens… [SEP]` padded with id 0 to the context
+/// length (77), truncated keeping `[SEP]` — the official `truncation=True,
+/// padding="max_length"` call.
+pub struct WordPieceTokenizer {
+    tokenizer: Tokenizer,
+    cls: u32,
+    sep: u32,
+    pad: u32,
+    max_len: usize,
+}
+
+impl WordPieceTokenizer {
+    /// Loads `vocab.txt` (bert-base-uncased's, or any vocabulary holding `[CLS]`, `[SEP]`,
+    /// `[PAD]` and `[UNK]`).
+    pub fn from_vocab(vocab: &Path, max_len: usize) -> Result<Self> {
+        use tokenizers::models::wordpiece::WordPiece;
+        use tokenizers::normalizers::bert::BertNormalizer;
+        use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
+        if !vocab.is_file() {
+            return Err(EngineError::Tokenizer(format!(
+                "{} does not exist (the WordPiece vocabulary, bert-base-uncased's vocab.txt)",
+                vocab.display()
+            )));
+        }
+        let wp = WordPiece::from_file(&vocab.to_string_lossy())
+            .unk_token("[UNK]".into())
+            .build()
+            .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", vocab.display())))?;
+        let mut tokenizer = Tokenizer::new(wp);
+        tokenizer
+            .with_normalizer(Some(BertNormalizer::new(true, true, None, true)))
+            .map_err(terr)?;
+        tokenizer.with_pre_tokenizer(Some(BertPreTokenizer));
+        let id = |t: &str| {
+            tokenizer.token_to_id(t).ok_or_else(|| {
+                EngineError::Tokenizer(format!("{} has no {t:?} token", vocab.display()))
+            })
+        };
+        let (cls, sep, pad) = (id("[CLS]")?, id("[SEP]")?, id("[PAD]")?);
+        id("[UNK]")?;
+        if max_len < 2 {
+            return Err(EngineError::Tokenizer("max_len must be at least 2".into()));
+        }
+        Ok(Self {
+            tokenizer,
+            cls,
+            sep,
+            pad,
+            max_len,
+        })
+    }
+
+    /// The ids of `text` without framing.
+    pub fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.tokenizer.encode(text, false).map_err(terr)?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// `[CLS] ids… [SEP] [PAD]…` of exactly `max_len` ids.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = self.tokenize(text)?;
+        ids.truncate(self.max_len - 2);
+        let mut out = Vec::with_capacity(self.max_len);
+        out.push(self.cls);
+        out.extend(ids);
+        out.push(self.sep);
+        out.resize(self.max_len, self.pad);
+        Ok(out)
+    }
+
+    /// The id of a token string (e.g. the placeholder `*`), if it is in the vocabulary.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.tokenizer.token_to_id(token)
+    }
+
+    /// `[CLS]`, `[SEP]` and `[PAD]` ids.
+    pub fn special_ids(&self) -> (u32, u32, u32) {
+        (self.cls, self.sep, self.pad)
+    }
+
+    /// The fixed sequence length.
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+}

@@ -288,6 +288,15 @@ struct MidBlock {
     attentions: Vec<Transformer2D>,
 }
 
+/// Intermediate activations of one forward pass ([`UNet2DConditionModel::forward_with_taps`]).
+#[derive(Debug, Clone, Default)]
+pub struct UNetTaps {
+    /// The time-embedding MLP's output `[B, time_embed_dim]`.
+    pub time_emb: Option<Tensor>,
+    /// The mid block's output `[B, C_last, h, w]`.
+    pub mid_block: Option<Tensor>,
+}
+
 /// The SD-v1-family conditional UNet.
 #[derive(Debug, Clone)]
 pub struct UNet2DConditionModel {
@@ -476,6 +485,25 @@ impl UNet2DConditionModel {
         weights.build("UNet2DConditionModel", |vb| Self::new(vb, config))
     }
 
+    /// Every attention layer (self and cross) in execution order.
+    pub fn attention_layers(&self) -> Vec<&crate::attention::CrossAttention> {
+        self.down
+            .iter()
+            .flat_map(|d| d.attentions.iter())
+            .chain(self.mid.attentions.iter())
+            .chain(self.up.iter().flat_map(|u| u.attentions.iter()))
+            .flat_map(|t| t.blocks().iter())
+            .flat_map(|b| b.attentions())
+            .collect()
+    }
+
+    /// The attention layer with this weight prefix (diffusers naming), if any.
+    pub fn attention_layer(&self, name: &str) -> Option<&crate::attention::CrossAttention> {
+        self.attention_layers()
+            .into_iter()
+            .find(|a| a.name() == name)
+    }
+
     /// The config the model was built from.
     pub fn config(&self) -> &UNetConfig {
         &self.config
@@ -518,7 +546,35 @@ impl UNet2DConditionModel {
         encoder_hidden_states: &Tensor,
         controller: Option<&mut dyn AttentionController>,
     ) -> CResult<Tensor> {
-        self.forward_inner(sample, timesteps, encoder_hidden_states, controller, None)
+        self.forward_inner(
+            sample,
+            timesteps,
+            encoder_hidden_states,
+            controller,
+            None,
+            None,
+        )
+    }
+
+    /// [`forward`](Self::forward) that also returns intermediate activations (the time
+    /// embedding MLP's output and the mid block's output), for parity checks and debugging.
+    pub fn forward_with_taps(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+        controller: Option<&mut dyn AttentionController>,
+    ) -> CResult<(Tensor, UNetTaps)> {
+        let mut taps = UNetTaps::default();
+        let out = self.forward_inner(
+            sample,
+            timesteps,
+            encoder_hidden_states,
+            controller,
+            None,
+            Some(&mut taps),
+        )?;
+        Ok((out, taps))
     }
 
     /// [`forward`](Self::forward) that also returns the wall time of each stage (time
@@ -537,6 +593,7 @@ impl UNet2DConditionModel {
             encoder_hidden_states,
             None,
             Some(&mut prof),
+            None,
         )?;
         Ok((out, prof))
     }
@@ -548,6 +605,7 @@ impl UNet2DConditionModel {
         encoder_hidden_states: &Tensor,
         controller: Option<&mut dyn AttentionController>,
         mut prof: Option<&mut Vec<(String, f64)>>,
+        mut taps: Option<&mut UNetTaps>,
     ) -> CResult<Tensor> {
         let mut clock = std::time::Instant::now();
         let mut lap = |name: &dyn Fn() -> String| {
@@ -577,6 +635,9 @@ impl UNet2DConditionModel {
         let emb = self
             .time_linear_2
             .forward(&silu(&self.time_linear_1.forward(&t_emb)?)?)?;
+        if let Some(t) = taps.as_deref_mut() {
+            t.time_emb = Some(emb.clone());
+        }
         let ctx = encoder_hidden_states;
         let mut x = self.conv_in.forward(sample)?;
         lap(&|| "time embedding + conv_in".into());
@@ -606,6 +667,9 @@ impl UNet2DConditionModel {
             lap(&|| "mid_block attentions".into());
             x = resnet.forward(&x, Some(&emb))?;
             lap(&|| "mid_block resnets".into());
+        }
+        if let Some(t) = taps {
+            t.mid_block = Some(x.clone());
         }
 
         for (i, block) in self.up.iter().enumerate() {

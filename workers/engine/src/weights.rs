@@ -44,8 +44,17 @@ enum Problem {
     },
 }
 
+/// Translates a name the model asks for into the source's name (checkpoint layouts).
+pub type RenameFn = Arc<dyn Fn(&str) -> String + Send + Sync>;
+/// Whether a source key belongs to a view (one model of a multi-model checkpoint).
+pub type ScopeFn = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
 struct Inner {
-    source: Source,
+    source: Arc<Source>,
+    /// Model name → source name; `None` is the identity.
+    rename: Option<RenameFn>,
+    /// The source keys this view accounts for; `None` is all of them.
+    scope: Option<ScopeFn>,
     /// Names read by models, with the tensor kept where it cannot be read again from the
     /// source (random weights, for `save_consumed`); file-backed tensors are not kept, so a
     /// loaded model does not hold a second copy of its weights.
@@ -55,8 +64,19 @@ struct Inner {
 }
 
 impl Inner {
+    fn source_name(&self, name: &str) -> String {
+        match &self.rename {
+            Some(f) => f(name),
+            None => name.to_string(),
+        }
+    }
+
+    fn in_scope(&self, key: &str) -> bool {
+        self.scope.as_ref().is_none_or(|f| f(key))
+    }
+
     fn source_shape(&self, name: &str) -> Option<Vec<usize>> {
-        match &self.source {
+        match &*self.source {
             Source::Mmap(m) => m.get(name).ok().map(|v| v.shape().to_vec()),
             Source::Map(m) => m.get(name).map(|t| t.dims().to_vec()),
             Source::Random { .. } => None,
@@ -64,7 +84,7 @@ impl Inner {
     }
 
     fn load(&self, name: &str, dev: &Device) -> candle_core::Result<Tensor> {
-        match &self.source {
+        match &*self.source {
             Source::Mmap(m) => m.load(name, dev),
             Source::Map(m) => m
                 .get(name)
@@ -75,7 +95,7 @@ impl Inner {
     }
 
     fn record(&self, name: &str, t: &Tensor) {
-        let keep = match self.source {
+        let keep = match *self.source {
             Source::Random { .. } => self.keep_random.load(std::sync::atomic::Ordering::Relaxed),
             _ => false,
         };
@@ -117,7 +137,8 @@ impl SimpleBackend for Backend {
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
         let inner = &self.0;
-        let t = match &inner.source {
+        let name = &inner.source_name(name);
+        let t = match &*inner.source {
             Source::Random { seed, std } => {
                 let mut rng = SplitMix64::new(name_seed(*seed, name));
                 let n = s.elem_count();
@@ -140,14 +161,28 @@ impl SimpleBackend for Backend {
                         expected: s.dims().to_vec(),
                     }));
                 };
-                if got != s.dims() {
+                // Checkpoints store 1×1 convolutions where the model has linear layers (the
+                // CompVis VAE attention): accept shapes that differ only by trailing 1s.
+                let squeeze = |d: &[usize]| {
+                    let mut d = d.to_vec();
+                    while d.len() > 1 && d.last() == Some(&1) {
+                        d.pop();
+                    }
+                    d
+                };
+                if got != s.dims() && squeeze(&got) != squeeze(s.dims()) {
                     return Err(inner.problem(Problem::Shape {
                         name: name.into(),
                         expected: s.dims().to_vec(),
                         got,
                     }));
                 }
-                inner.load(name, &Device::Cpu)?
+                let t = inner.load(name, &Device::Cpu)?;
+                if got != s.dims() {
+                    t.reshape(s.clone())?
+                } else {
+                    t
+                }
             }
         };
         let t = t.to_dtype(dtype)?.to_device(dev)?;
@@ -157,6 +192,7 @@ impl SimpleBackend for Backend {
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let inner = &self.0;
+        let name = &inner.source_name(name);
         if inner.source_shape(name).is_none() {
             return Err(inner.problem(Problem::Missing {
                 name: name.into(),
@@ -172,7 +208,7 @@ impl SimpleBackend for Backend {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.0.source_shape(name).is_some()
+        self.0.source_shape(&self.0.source_name(name)).is_some()
     }
 }
 
@@ -189,7 +225,9 @@ impl Weights {
     fn with_source(source: Source, dtype: DType, device: &Device, origin: String) -> Self {
         Self {
             inner: Arc::new(Inner {
-                source,
+                source: Arc::new(source),
+                rename: None,
+                scope: None,
                 used: Mutex::new(BTreeMap::new()),
                 keep_random: std::sync::atomic::AtomicBool::new(true),
                 problems: Mutex::new(Vec::new()),
@@ -228,6 +266,67 @@ impl Weights {
     /// Weights from tensors in memory (tests, converted checkpoints).
     pub fn from_tensors(map: HashMap<String, Tensor>, dtype: DType, device: &Device) -> Self {
         Self::with_source(Source::Map(map), dtype, device, "in-memory tensors".into())
+    }
+
+    /// Names the weights' origin in error messages (e.g. the checkpoint path).
+    pub fn with_origin(mut self, origin: &str) -> Self {
+        self.origin = origin.to_string();
+        self
+    }
+
+    /// A view of these weights for one model of a multi-model checkpoint: the model's tensor
+    /// names are translated by `rename` into source names, and only source keys for which
+    /// `scope` holds count as this model's (for the unexpected-tensor check). The view has its
+    /// own accounting; errors name source (checkpoint) keys.
+    pub fn view(&self, rename: RenameFn, scope: ScopeFn, origin: &str) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                source: self.inner.source.clone(),
+                rename: Some(rename),
+                scope: Some(scope),
+                used: Mutex::new(BTreeMap::new()),
+                keep_random: std::sync::atomic::AtomicBool::new(false),
+                problems: Mutex::new(Vec::new()),
+            }),
+            dtype: self.dtype,
+            device: self.device.clone(),
+            origin: format!("{} in {}", origin, self.origin),
+        }
+    }
+
+    /// Every tensor of the source, by source name, as stored (no dtype conversion). Empty for
+    /// random weights.
+    pub fn source_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        match &*self.inner.source {
+            Source::Mmap(m) => {
+                for (k, _) in m.tensors() {
+                    let t = m.load(&k, &Device::Cpu)?;
+                    out.push((k, t));
+                }
+            }
+            Source::Map(m) => out.extend(m.iter().map(|(k, t)| (k.clone(), t.clone()))),
+            Source::Random { .. } => {}
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    /// One source tensor by source name, as stored, if present.
+    pub fn source_tensor(&self, name: &str) -> Option<Tensor> {
+        self.inner.source_shape(name)?;
+        self.inner.load(name, &Device::Cpu).ok()
+    }
+
+    /// The names of all tensors in the source (sorted).
+    pub fn source_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = match &*self.inner.source {
+            Source::Mmap(m) => m.tensors().into_iter().map(|(k, _)| k).collect(),
+            Source::Map(m) => m.keys().cloned().collect(),
+            Source::Random { .. } => Vec::new(),
+        };
+        v.sort();
+        v
     }
 
     /// Seeded random weights: each tensor uniform with standard deviation `std`, from a
@@ -305,12 +404,14 @@ impl Weights {
     /// Keys present in the source that no model has read (sorted). Empty for random weights.
     pub fn unused_keys(&self) -> Vec<String> {
         let used = self.inner.used.lock().expect("weights lock");
-        let all: BTreeSet<String> = match &self.inner.source {
+        let all: BTreeSet<String> = match &*self.inner.source {
             Source::Mmap(m) => m.tensors().into_iter().map(|(k, _)| k).collect(),
             Source::Map(m) => m.keys().cloned().collect(),
             Source::Random { .. } => BTreeSet::new(),
         };
-        all.into_iter().filter(|k| !used.contains_key(k)).collect()
+        all.into_iter()
+            .filter(|k| self.inner.in_scope(k) && !used.contains_key(k))
+            .collect()
     }
 
     /// Stops keeping generated random tensors (saves memory when they will not be saved).
@@ -387,4 +488,81 @@ pub fn find_file(dir: &Path, names: &[&str]) -> Result<PathBuf> {
                 format!("none of {names:?} exists in {}", dir.display()),
             ),
         })
+}
+
+/// Writes named tensors (any of f32, f64, f16, bf16, i64, u32, u8) as one safetensors file,
+/// with optional string metadata (candle's own writer has none).
+pub fn save_safetensors(
+    tensors: &[(String, Tensor)],
+    metadata: Option<HashMap<String, String>>,
+    path: &Path,
+) -> Result<()> {
+    use safetensors::Dtype as S;
+    let mut data: Vec<(String, S, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let shape = t.dims().to_vec();
+        let t = t.to_device(&Device::Cpu)?.flatten_all()?;
+        let (dt, bytes): (S, Vec<u8>) = match t.dtype() {
+            DType::F32 => (
+                S::F32,
+                t.to_vec1::<f32>()?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ),
+            DType::F64 => (
+                S::F64,
+                t.to_vec1::<f64>()?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ),
+            DType::F16 => (
+                S::F16,
+                t.to_vec1::<half::f16>()?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ),
+            DType::BF16 => (
+                S::BF16,
+                t.to_vec1::<half::bf16>()?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ),
+            DType::I64 => (
+                S::I64,
+                t.to_vec1::<i64>()?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ),
+            DType::U32 => (
+                S::U32,
+                t.to_vec1::<u32>()?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ),
+            DType::U8 => (S::U8, t.to_vec1::<u8>()?),
+            other => {
+                return Err(EngineError::Invalid(format!(
+                    "cannot save tensor {name} of dtype {other:?}"
+                )))
+            }
+        };
+        data.push((name.clone(), dt, shape, bytes));
+    }
+    let views = data
+        .iter()
+        .map(|(n, dt, shape, bytes)| {
+            safetensors::tensor::TensorView::new(*dt, shape.clone(), bytes)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| EngineError::Invalid(format!("{n}: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    safetensors::tensor::serialize_to_file(views, metadata, path)
+        .map_err(|e| EngineError::Invalid(format!("writing {}: {e}", path.display())))?;
+    Ok(())
 }

@@ -1,0 +1,315 @@
+//! AnomalyDiffusion end to end: the fixtures' tiny model is imported with `defectforge models
+//! import` exactly as a user imports the real one (official model.ckpt, embeddings.pt,
+//! spatial_encoder.pt), then a campaign generates with it through RabbitMQ and S3, and the
+//! manifest records what the user needs to trust the output.
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+fn fixtures() -> Option<PathBuf> {
+    let p = std::env::var_os("DEFECTFORGE_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("../shared/fixtures"));
+    if p.join("tiny-ldm").is_dir() && p.join("anomalydiffusion-tiny").is_dir() {
+        Some(p)
+    } else {
+        assert!(
+            std::env::var_os("DEFECTFORGE_FIXTURES").is_none(),
+            "DEFECTFORGE_FIXTURES={} has no tiny-ldm / anomalydiffusion-tiny",
+            p.display()
+        );
+        eprintln!("no fixtures at {}; skipping", p.display());
+        None
+    }
+}
+
+/// bert-style vocab.txt from the fixture's word list (the id is the line number).
+fn write_vocab(fx: &Path, out: &Path) {
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fx.join("tiny-ldm/config.json")).unwrap()).unwrap();
+    let size = cfg["official_yaml_equivalent"]["model"]["params"]["cond_stage_config"]["params"]
+        ["vocab_size"]
+        .as_u64()
+        .unwrap() as usize;
+    let mut lines: Vec<String> = (0..size).map(|i| format!("[unused{i}]")).collect();
+    for (w, id) in cfg["fixture_vocabulary"].as_object().unwrap() {
+        lines[id.as_u64().unwrap() as usize] = w.clone();
+    }
+    std::fs::write(out, lines.join("\n") + "\n").unwrap();
+}
+
+fn import(sc: &Scenario, fx: &Path, to: &str) -> String {
+    let vocab = sc.dir.path().join("vocab.txt");
+    write_vocab(fx, &vocab);
+    let p = |r: &str| fx.join(r).to_string_lossy().into_owned();
+    sc.ok(&[
+        "models",
+        "import",
+        "--ldm-ckpt",
+        &p("tiny-ldm/model.ckpt"),
+        "--ldm-config",
+        &p("tiny-ldm/config.json"),
+        "--vocab",
+        vocab.to_str().unwrap(),
+        "--embeddings",
+        &p("anomalydiffusion-tiny/embeddings.pt"),
+        "--spatial-encoder",
+        &p("anomalydiffusion-tiny/spatial_encoder.pt"),
+        "--to",
+        to,
+    ])
+    .trim()
+    .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_campaign_generates_with_an_imported_anomalydiffusion_model() {
+    let Some(fx) = fixtures() else { return };
+    let sc = Scenario::new("ad-e2e");
+    let models = sc.s3_uri("models");
+    let uri = import(&sc, &fx, &models);
+    assert!(uri.starts_with(&format!("{models}/models/ad-")), "{uri}");
+    // Content-hashed: importing the same files again names the same model.
+    assert_eq!(import(&sc, &fx, &models), uri);
+    let shown: serde_json::Value = serde_json::from_str(&sc.ok(&["models", "show", &uri])).unwrap();
+    let digest = shown["digest"].as_str().unwrap().to_string();
+    assert_eq!(
+        shown["defect_types"],
+        serde_json::json!(["bottle+broken_large", "capsule+crack", "wood+color"])
+    );
+    assert_eq!(
+        shown["spatial_encoder"]["widths"],
+        serde_json::json!([4, 8, 16, 32])
+    );
+    for f in [
+        "ldm.safetensors",
+        "ldm.json",
+        "vocab.txt",
+        "spatial_encoder.safetensors",
+        "embeddings.safetensors",
+    ] {
+        assert!(
+            shown["files"][f]["sha256"].is_string(),
+            "{f} not in the manifest"
+        );
+    }
+
+    let local = sc.dir.path().join("dataset");
+    defectforge::demo::materialise(&local).unwrap();
+    let output = sc.s3_uri("out");
+    let camp = sc.write(
+        "ad.toml",
+        &format!(
+            r#"
+name = "ad e2e"
+seed = 5
+shard_size = 3
+shard_time_limit_s = 300
+output = "{output}"
+[dataset]
+source = "{data}"
+[categories.bottle.defects.broken_large]
+count = 3
+generator = "anomalydiffusion"
+mask = "real"
+[categories.bottle.defects.broken_large.anomalydiffusion]
+model = "{uri}"
+steps = 10
+[categories.wood.defects.scratch]
+count = 3
+generator = "anomalydiffusion"
+mask = "perlin"
+[categories.wood.defects.scratch.anomalydiffusion]
+model = "{uri}"
+embedding = "wood+color"
+steps = 10
+background_paste = true
+feather_px = 2.0
+[categories.carpet.defects.color]
+count = 2
+generator = "anomalydiffusion"
+mask = "real"
+[categories.carpet.defects.color.anomalydiffusion]
+model = "{uri}"
+embedding = "capsule+crack"
+steps = 20
+prompt = "a photo of a small *"
+full_resolution = true
+"#,
+            data = local.display()
+        ),
+    );
+    let cid = sc
+        .ok(&["submit", camp.to_str().unwrap()])
+        .trim()
+        .to_string();
+    let cache = sc.dir.path().join("model-cache");
+    let mut w = sc.worker(
+        "a",
+        &[
+            "--idle-exit-s",
+            "20",
+            "--model-cache",
+            cache.to_str().unwrap(),
+            "--http-addr",
+            "off",
+        ],
+    );
+    sc.ok(&[
+        "watch",
+        &cid,
+        "--output",
+        &output,
+        "--interval-s",
+        "0.5",
+        "--timeout-s",
+        "600",
+    ]);
+    kill_term(&mut w);
+    assert!(
+        sc.worker_log("a").contains("model loaded"),
+        "{}",
+        sc.worker_log("a")
+    );
+    // The model was verified into the cache once.
+    let id = uri.rsplit('/').next().unwrap();
+    assert_eq!(
+        std::fs::read_to_string(cache.join(id).join(".verified")).unwrap(),
+        digest
+    );
+    sc.ok(&["finalize", &cid, "--output", &output]);
+    let st = sc.store(&output).await;
+    let rows = manifest_rows(st.as_ref(), &cid).await;
+    assert_eq!(rows.len(), 8);
+    let root = format!("{}/", st.root_uri());
+    for r in &rows {
+        assert_eq!(r.generator, "anomalydiffusion");
+        assert_eq!(r.model_digest.as_deref(), Some(digest.as_str()));
+        let want_steps = if r.category == "carpet" { 20 } else { 10 };
+        assert_eq!(r.diffusion_steps, Some(want_steps));
+        // Re-weighting defaults: on for texture categories, off for objects.
+        let want_rw = if r.category == "bottle" {
+            "off"
+        } else {
+            "official"
+        };
+        assert_eq!(r.reweighting.as_deref(), Some(want_rw), "{}", r.category);
+        assert_eq!((r.width, r.height), (256, 256));
+        assert_eq!((r.normal_width, r.normal_height), (256, 256));
+        assert!(r.mean_abs_change_inside > 0.0, "{r:?}");
+        let img = image::load_from_memory(
+            &st.get(r.image_uri.strip_prefix(&root).unwrap())
+                .await
+                .unwrap(),
+        )
+        .unwrap()
+        .to_rgb8();
+        let mask = image::load_from_memory(
+            &st.get(r.mask_uri.strip_prefix(&root).unwrap())
+                .await
+                .unwrap(),
+        )
+        .unwrap()
+        .to_luma8();
+        let normal = image::open(&r.normal_uri).unwrap().to_rgb8();
+        assert_eq!(img.dimensions(), mask.dimensions());
+        let psnr = defectforge::imaging::background_psnr(&normal, &img, &mask);
+        assert!((psnr - r.background_psnr).abs() < 1e-3 || psnr == r.background_psnr);
+        match r.category.as_str() {
+            // The official output: the background only approximates the normal image.
+            "bottle" => assert!(r.mean_abs_change_outside > 0.0 && r.background_psnr.is_finite()),
+            // A feathered paste: exact beyond the feather band (2 px), blended inside it.
+            "wood" | "carpet" => {
+                let far = far_from_mask(&mask, 3);
+                for (i, (a, b)) in normal.pixels().zip(img.pixels()).enumerate() {
+                    if far[i] {
+                        assert_eq!(
+                            a, b,
+                            "{}: pixel {i} beyond the feather changed",
+                            r.sample_id
+                        );
+                    }
+                }
+            }
+            other => panic!("unexpected category {other}"),
+        }
+    }
+}
+
+/// Pixels more than `d` pixels (Chebyshev) away from every mask pixel.
+fn far_from_mask(mask: &image::GrayImage, d: i64) -> Vec<bool> {
+    let (w, h) = (mask.width() as i64, mask.height() as i64);
+    let on: Vec<(i64, i64)> = mask
+        .enumerate_pixels()
+        .filter(|(_, _, p)| p.0[0] > 0)
+        .map(|(x, y, _)| (x as i64, y as i64))
+        .collect();
+    let mut near = vec![false; (w * h) as usize];
+    for (x, y) in on {
+        for yy in (y - d).max(0)..=(y + d).min(h - 1) {
+            for xx in (x - d).max(0)..=(x + d).min(w - 1) {
+                near[(yy * w + xx) as usize] = true;
+            }
+        }
+    }
+    near.into_iter().map(|n| !n).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_model_or_embedding_is_dead_lettered_with_a_clear_cause() {
+    let Some(fx) = fixtures() else { return };
+    let sc = Scenario::new("ad-errors");
+    let models = sc.s3_uri("models");
+    let uri = import(&sc, &fx, &models);
+    let local = sc.dir.path().join("dataset");
+    defectforge::demo::materialise(&local).unwrap();
+    let output = sc.s3_uri("out");
+    let missing = format!("{models}/models/ad-0000000000000000");
+    let camp = sc.write(
+        "bad.toml",
+        &format!(
+            r#"
+name = "ad errors"
+seed = 1
+shard_size = 2
+shard_time_limit_s = 120
+output = "{output}"
+[dataset]
+source = "{data}"
+[categories.bottle.defects.broken_large]
+count = 2
+generator = "anomalydiffusion"
+[categories.bottle.defects.broken_large.anomalydiffusion]
+model = "{missing}"
+steps = 10
+[categories.carpet.defects.cut]
+count = 2
+generator = "anomalydiffusion"
+mask = "scar"
+[categories.carpet.defects.cut.anomalydiffusion]
+model = "{uri}"
+steps = 10
+"#,
+            data = local.display()
+        ),
+    );
+    let cid = sc
+        .ok(&["submit", camp.to_str().unwrap()])
+        .trim()
+        .to_string();
+    let mut w = sc.worker("e", &["--idle-exit-s", "10", "--http-addr", "off"]);
+    let status = sc.wait_status(&cid, &output, Duration::from_secs(300), |v| {
+        v["dead"].as_u64().unwrap_or(0) == 2
+    });
+    kill_term(&mut w);
+    for f in status["failures"].as_array().unwrap() {
+        assert_eq!(f["class"], "permanent", "{f}");
+    }
+    let text = status.to_string();
+    assert!(text.contains("model.json"), "{text}");
+    assert!(text.contains("carpet+cut"), "{text}");
+    assert!(text.contains("bottle/broken_large"), "{text}");
+}
