@@ -179,7 +179,25 @@ pub fn aar_official(
     let cap = Tensor::full(1.5f32, w.shape(), w.device())?;
     let w = w.gt(1.5f32)?.where_cond(&cap, &w)?;
     // Rows whose Σinv is 0 get w ≡ 1 (this also replaces the NaNs of 0/0).
-    let isum_v: Vec<f32> = isum.flatten_all()?.to_vec1()?;
+    Ok((m, ones_where_no_weight(&w, &isum)?))
+}
+
+/// The pre-d8baf69 weight map: `w = HW·inv/Σinv` on the undilated mask, unclamped (−0
+/// outside the mask); w ≡ 1 for a row with Σinv = 0.
+pub fn aar_legacy(x: &Tensor, x0: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let (_, _, h, w) = mask.dims4()?;
+    let d = mask.broadcast_mul(&(x - x0)?)?.sqr()?.mean(1)?;
+    let neg1 = Tensor::full(-1f32, d.shape(), d.device())?;
+    let d = d.eq(0f32)?.where_cond(&neg1, &d)?;
+    let inv = mask.squeeze(1)?.mul(&d.recip()?)?;
+    let isum = sum_hw(&inv)?;
+    let wmap = (inv * (h * w) as f64)?.broadcast_div(&isum)?;
+    ones_where_no_weight(&wmap, &isum)
+}
+
+/// Replaces the rows whose Σinv is 0 (an empty mask: 0/0) by ones, as both official variants do.
+fn ones_where_no_weight(w: &Tensor, isum: &Tensor) -> Result<Tensor> {
+    let isum_v: Vec<f32> = isum.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let (hh, ww) = (w.dim(1)?, w.dim(2)?);
     let rows = (0..isum_v.len())
         .map(|b| {
@@ -190,18 +208,7 @@ pub fn aar_official(
             }
         })
         .collect::<candle_core::Result<Vec<_>>>()?;
-    Ok((m, Tensor::stack(&rows, 0)?))
-}
-
-/// The pre-d8baf69 weight map: `w = HW·inv/Σinv` on the undilated mask, unclamped.
-pub fn aar_legacy(x: &Tensor, x0: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    let (_, _, h, w) = mask.dims4()?;
-    let d = mask.broadcast_mul(&(x - x0)?)?.sqr()?.mean(1)?;
-    let neg1 = Tensor::full(-1f32, d.shape(), d.device())?;
-    let d = d.eq(0f32)?.where_cond(&neg1, &d)?;
-    let inv = mask.squeeze(1)?.mul(&d.recip()?)?;
-    let isum = sum_hw(&inv)?;
-    Ok((inv * (h * w) as f64)?.broadcast_div(&isum)?)
+    Ok(Tensor::stack(&rows, 0)?)
 }
 
 /// The paper's weight map in pixel space: `w = ‖m‖₁ · softmax_{p∈m}(1/‖m⊙y − m⊙x̂₀‖²(p))`,

@@ -42,7 +42,10 @@ fn fixture_dirs() -> Vec<PathBuf> {
 fn load(dir: &Path) -> (AnomalyModel, serde_json::Value) {
     let cfg: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
-    let ldm_dir = dir.parent().unwrap().join(cfg["ldm_folder"].as_str().unwrap());
+    let ldm_dir = dir
+        .parent()
+        .unwrap()
+        .join(cfg["ldm_folder"].as_str().unwrap());
     let dev = Device::Cpu;
     let ldm = LdmModel::load(
         &ldm_dir.join("config.json"),
@@ -54,15 +57,21 @@ fn load(dir: &Path) -> (AnomalyModel, serde_json::Value) {
     // The shape inferred from the official file's tensors is the fixture's config.
     let st = defectforge_engine::ad_files::read_torch_state_dict(&dir.join("spatial_encoder.pt"))
         .unwrap();
-    let shapes: Vec<(String, Vec<usize>)> =
-        st.iter().map(|(k, t)| (k.clone(), t.dims().to_vec())).collect();
+    let shapes: Vec<(String, Vec<usize>)> = st
+        .iter()
+        .map(|(k, t)| (k.clone(), t.dims().to_vec()))
+        .collect();
     let inferred = infer_spatial_config(&shapes).unwrap();
     let declared: SpatialEncoderConfig =
         serde_json::from_value(cfg["spatial_encoder"].clone()).unwrap();
     assert_eq!(inferred, declared);
-    let spatial =
-        SpatialEncoder::load(&dir.join("spatial_encoder.pt"), Some(&inferred), DType::F32, &dev)
-            .unwrap();
+    let spatial = SpatialEncoder::load(
+        &dir.join("spatial_encoder.pt"),
+        Some(&inferred),
+        DType::F32,
+        &dev,
+    )
+    .unwrap();
     let emb = read_embeddings_pt(&dir.join("embeddings.pt")).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let vocab = tmp.path().join("vocab.txt");
@@ -80,8 +89,8 @@ fn load(dir: &Path) -> (AnomalyModel, serde_json::Value) {
 
 fn inputs(b: usize) -> (Tensor, Tensor) {
     let dev = Device::Cpu;
-    let x = ((Tensor::rand(0f32, 1.0, (b, 3, 256, 256), &dev).unwrap() * 2.0).unwrap() - 1.0)
-        .unwrap();
+    let x =
+        ((Tensor::rand(0f32, 1.0, (b, 3, 256, 256), &dev).unwrap() * 2.0).unwrap() - 1.0).unwrap();
     let mut m = vec![0f32; b * 256 * 256];
     for i in 0..b {
         for y in (40 + 20 * i)..(120 + 20 * i) {
@@ -117,7 +126,15 @@ fn samples_depend_on_their_own_seed_only() {
         let prompts = vec![model.random_prompt(3), "a dark photo of the *".to_string()];
         let names = vec![types[0].clone(), types[1].clone()];
         let both = model
-            .generate(&x, &m, &prompts, &names, &opts, BnMode::Eval, &mut PerSampleNoise::new(&[11, 12]))
+            .generate(
+                &x,
+                &m,
+                &prompts,
+                &names,
+                &opts,
+                BnMode::Eval,
+                &mut PerSampleNoise::new(&[11, 12]),
+            )
             .unwrap();
         assert_eq!(both.dims(), &[2, 3, 256, 256]);
         assert!(row(&both, 0).iter().all(|v| v.is_finite()));
@@ -134,8 +151,16 @@ fn samples_depend_on_their_own_seed_only() {
             )
             .unwrap();
         let (a, b) = (row(&both, 1), row(&alone, 0));
-        let worst = a.iter().zip(&b).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
-        assert!(worst < 1e-4, "{}: batch changed a sample by {worst}", dir.display());
+        let worst = a
+            .iter()
+            .zip(&b)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            worst < 1e-4,
+            "{}: batch changed a sample by {worst}",
+            dir.display()
+        );
         // Another seed gives another sample.
         let other = model
             .generate(
@@ -157,7 +182,15 @@ fn samples_depend_on_their_own_seed_only() {
                 aar,
             };
             let out = model
-                .generate(&x, &m, &prompts, &names, &o, BnMode::Batch, &mut PerSampleNoise::new(&[1, 2]))
+                .generate(
+                    &x,
+                    &m,
+                    &prompts,
+                    &names,
+                    &o,
+                    BnMode::Batch,
+                    &mut PerSampleNoise::new(&[1, 2]),
+                )
                 .unwrap();
             assert!(row(&out, 0).iter().all(|v| v.is_finite()), "{aar:?}");
         }
@@ -176,13 +209,29 @@ fn wrong_requests_are_refused_by_name() {
         };
         let mut noise = PerSampleNoise::new(&[1]);
         let e = model
-            .generate(&x, &m, &["a photo of a *".into()], &["carpet+hole".into()], &opts, BnMode::Eval, &mut noise)
+            .generate(
+                &x,
+                &m,
+                &["a photo of a *".into()],
+                &["carpet+hole".into()],
+                &opts,
+                BnMode::Eval,
+                &mut noise,
+            )
             .err()
             .unwrap()
             .to_string();
         assert!(e.contains("carpet+hole") && e.contains("it knows"), "{e}");
         let e = model
-            .generate(&x, &m, &["a photo of a crack".into()], &[model.defect_types()[0].clone()], &opts, BnMode::Eval, &mut noise)
+            .generate(
+                &x,
+                &m,
+                &["a photo of a crack".into()],
+                &[model.defect_types()[0].clone()],
+                &opts,
+                BnMode::Eval,
+                &mut noise,
+            )
             .err()
             .unwrap()
             .to_string();

@@ -922,10 +922,11 @@ fn check_anomalydiffusion(dir: &Path) -> Result<Results, Box<dyn std::error::Err
     let spatial = load_encoder()?;
     // Context as the official get_learned_conditioning computes it: spatial encoder with batch
     // statistics (the official script's train mode) on the masks, [e_a ; e_s] spliced at '*'.
+    type Context = (Tensor, Tensor, Vec<(f32, f32)>);
     let context_of = |ids: &Tensor,
                       type_index: &Tensor,
                       masks: &Tensor|
-     -> Result<(Tensor, Tensor, Vec<(f32, f32)>), Box<dyn std::error::Error>> {
+     -> Result<Context, Box<dyn std::error::Error>> {
         let idx: Vec<i64> = type_index.to_dtype(DType::I64)?.to_vec1()?;
         let ea = idx
             .iter()

@@ -353,12 +353,28 @@ mod tests {
         let normal = RgbImage::from_pixel(32, 32, image::Rgb([10, 20, 30]));
         let gen = RgbImage::from_pixel(32, 32, image::Rgb([210, 220, 230]));
         let mask = GrayImage::from_fn(32, 32, |x, y| {
-            image::Luma([if (10..20).contains(&x) && (10..20).contains(&y) { 255 } else { 0 }])
+            image::Luma([if (10..20).contains(&x) && (10..20).contains(&y) {
+                255
+            } else {
+                0
+            }])
         });
         let out = feathered_paste(&normal, &gen, &mask, 4.0);
-        assert_eq!(out.get_pixel(15, 15).0, [210, 220, 230], "inside: generated");
-        assert_eq!(out.get_pixel(2, 2).0, [10, 20, 30], "far outside: exact normal");
-        assert_eq!(out.get_pixel(25, 15).0, [10, 20, 30], "6 px away: beyond the feather");
+        assert_eq!(
+            out.get_pixel(15, 15).0,
+            [210, 220, 230],
+            "inside: generated"
+        );
+        assert_eq!(
+            out.get_pixel(2, 2).0,
+            [10, 20, 30],
+            "far outside: exact normal"
+        );
+        assert_eq!(
+            out.get_pixel(25, 15).0,
+            [10, 20, 30],
+            "6 px away: beyond the feather"
+        );
         let band = out.get_pixel(21, 15).0[0];
         assert!(band > 10 && band < 210, "2 px away: blended ({band})");
         let hard = feathered_paste(&normal, &gen, &mask, 0.0);
