@@ -54,7 +54,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let w = Weights::random(0, 0.02, dtype, &dev);
     w.discard_random_tensors();
     let ldm = LdmModel::from_weights(&cfg, &w)?;
-    let ldm_params = w.consumed_param_count();
     let sw = Weights::random(1, 0.02, dtype, &dev);
     sw.discard_random_tensors();
     let spatial = SpatialEncoder::from_weights(&sw, &SpatialEncoderConfig::default())?;
@@ -85,8 +84,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let model = AnomalyModel::assemble(ldm, spatial, emb, tok, dtype, &dev)?;
     println!(
-        "full-size AnomalyDiffusion: LDM {:.1} M + spatial encoder {:.1} M params, {dtype:?} on {dev:?}, threads {}, init {:.1} s, RSS {:.2} GiB",
-        ldm_params as f64 / 1e6,
+        "full-size AnomalyDiffusion: LDM txt2img-large + spatial encoder {:.1} M params, {dtype:?} on {dev:?}, threads {}, init {:.1} s, RSS {:.2} GiB",
         sw.consumed_param_count() as f64 / 1e6,
         candle_core::utils::get_num_threads(),
         t0.elapsed().as_secs_f64(),

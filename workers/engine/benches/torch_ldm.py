@@ -9,7 +9,7 @@ BERTEmbedder's TransformerWrapper (32 layers, 77 tokens), at the same batch size
 Needs a checkout of the official code (github.com/sjtuplayer/anomalydiffusion): pass its
 path with --official. torchvision and PIL, imported but unused on these paths, are stubbed
 when absent. The venv (default /tmp/defectforge-torch-venv, TORCH_BENCH_VENV) gets torch and
-einops on first run.
+einops and omegaconf on first run.
 
 Usage: python3 workers/engine/benches/torch_ldm.py --official DIR [--batches 1,8] [--iters 3]
        [--parts unet,bert] [--threads N]
@@ -32,9 +32,9 @@ def ensure_venv():
     py = os.path.join(VENV, "bin", "python")
     if not os.path.exists(py):
         subprocess.check_call([sys.executable, "-m", "venv", VENV])
-    probe = subprocess.run([py, "-c", "import torch, einops"], capture_output=True)
+    probe = subprocess.run([py, "-c", "import torch, einops, omegaconf"], capture_output=True)
     if probe.returncode != 0:
-        subprocess.check_call([py, "-m", "pip", "install", "--quiet", "torch", "einops"])
+        subprocess.check_call([py, "-m", "pip", "install", "--quiet", "torch", "einops", "omegaconf"])
     os.execv(py, [py] + sys.argv)
 
 
