@@ -222,7 +222,7 @@ pub fn build_model_dir(inputs: &ImportInputs, out: &Path) -> Result<ModelManifes
     save_tensors(&kept, None, &out.join(ad_model::LDM_WEIGHTS))?;
     drop(kept);
     drop(weights);
-    let cfg_json = ldm_config_json(&inputs.ldm_config)?;
+    let cfg_json = defectforge_engine::ldm::read_config_value(&inputs.ldm_config)?;
     std::fs::write(
         out.join(ad_model::LDM_CONFIG),
         serde_json::to_vec_pretty(&cfg_json).expect("json"),
@@ -333,31 +333,6 @@ pub fn build_model_dir(inputs: &ImportInputs, out: &Path) -> Result<ModelManifes
     )
     .map_err(io(out))?;
     Ok(manifest)
-}
-
-/// The official YAML (or its JSON equivalent, possibly under `official_yaml_equivalent`) as
-/// the JSON `{"model": …}` the model directory stores.
-fn ldm_config_json(path: &Path) -> Result<serde_json::Value, ModelError> {
-    let text = std::fs::read_to_string(path).map_err(io(path))?;
-    let v: serde_json::Value = if matches!(
-        path.extension().and_then(|e| e.to_str()),
-        Some("yaml" | "yml")
-    ) {
-        serde_yaml::from_str(&text)
-            .map_err(|e| ModelError::Invalid(format!("{}: {e}", path.display())))?
-    } else {
-        serde_json::from_str(&text)
-            .map_err(|e| ModelError::Invalid(format!("{}: {e}", path.display())))?
-    };
-    let model = v
-        .get("model")
-        .or_else(|| {
-            v.get("official_yaml_equivalent")
-                .and_then(|o| o.get("model"))
-        })
-        .cloned()
-        .ok_or_else(|| ModelError::Invalid(format!("{}: no `model` section", path.display())))?;
-    Ok(serde_json::json!({ "model": model }))
 }
 
 /// Imports a model: converts the official files in a staging folder under `staging`, then

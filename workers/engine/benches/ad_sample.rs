@@ -19,19 +19,9 @@ use defectforge_engine::spatial::{BnMode, SpatialEncoder, SpatialEncoderConfig};
 use defectforge_engine::tokenizer::WordPieceTokenizer;
 use defectforge_engine::Weights;
 
-fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| default.to_string())
-}
-
-fn peak_rss_gib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0 / 1024.0)
-}
+#[path = "common/mod.rs"]
+mod common;
+use common::{env_or, peak_rss_gib};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     if !std::env::args().any(|a| a == "--bench") {

@@ -155,6 +155,17 @@ fn sum_hw(t: &Tensor) -> Result<Tensor> {
     Ok(t.sum_keepdim(D::Minus1)?.sum_keepdim(D::Minus2)?)
 }
 
+/// Both official variants' inverse distance: d = mean_c((M·(x − x0))²) with d = 0 → −1,
+/// inv = M/d `[B, h, w]` (−0 outside the mask), and Σinv `[B, 1, 1]`.
+fn inverse_distance(x: &Tensor, x0: &Tensor, m: &Tensor) -> Result<(Tensor, Tensor)> {
+    let d = m.broadcast_mul(&(x - x0)?)?.sqr()?.mean(1)?;
+    let neg1 = Tensor::full(-1f32, d.shape(), d.device())?;
+    let d = d.eq(0f32)?.where_cond(&neg1, &d)?;
+    let inv = m.squeeze(1)?.mul(&d.recip()?)?;
+    let isum = sum_hw(&inv)?;
+    Ok((inv, isum))
+}
+
 /// The HEAD weight map: `(M, w)` for the current latent `x` (before blending), the clean normal
 /// latent `x0` and the latent mask `[B, 1, h, w]` at timestep `t` of an `num_steps` schedule.
 /// `w` is `[B, h, w]`.
@@ -166,12 +177,8 @@ pub fn aar_official(
     num_steps: usize,
 ) -> Result<(Tensor, Tensor)> {
     let m = dilate(mask, dilation_radius(t, num_steps))?;
-    let d = m.broadcast_mul(&(x - x0)?)?.sqr()?.mean(1)?; // [B, h, w]
-    let neg1 = Tensor::full(-1f32, d.shape(), d.device())?;
-    let d = d.eq(0f32)?.where_cond(&neg1, &d)?;
-    let inv = m.squeeze(1)?.mul(&d.recip()?)?; // [B, h, w]
+    let (inv, isum) = inverse_distance(x, x0, &m)?;
     let msum = sum_hw(&m.squeeze(1)?)?;
-    let isum = sum_hw(&inv)?;
     let w = msum.broadcast_mul(&inv)?.broadcast_div(&isum)?;
     let ones = Tensor::ones(w.shape(), w.dtype(), w.device())?;
     let w = w.eq(0f32)?.where_cond(&ones, &w)?;
@@ -186,11 +193,7 @@ pub fn aar_official(
 /// outside the mask); w ≡ 1 for a row with Σinv = 0.
 pub fn aar_legacy(x: &Tensor, x0: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let (_, _, h, w) = mask.dims4()?;
-    let d = mask.broadcast_mul(&(x - x0)?)?.sqr()?.mean(1)?;
-    let neg1 = Tensor::full(-1f32, d.shape(), d.device())?;
-    let d = d.eq(0f32)?.where_cond(&neg1, &d)?;
-    let inv = mask.squeeze(1)?.mul(&d.recip()?)?;
-    let isum = sum_hw(&inv)?;
+    let (inv, isum) = inverse_distance(x, x0, mask)?;
     let wmap = (inv * (h * w) as f64)?.broadcast_div(&isum)?;
     ones_where_no_weight(&wmap, &isum)
 }
@@ -257,6 +260,9 @@ pub struct AarController {
     weights: Tensor,
     positions: Vec<(f32, f32)>,
     post_softmax: bool,
+    /// Factors already built in this forward, by (grid h, grid w, key tokens): layers on the
+    /// same grid share one (the 32×32 level alone has several cross-attention layers).
+    factors: Vec<((usize, usize, usize), Tensor)>,
 }
 
 impl AarController {
@@ -266,10 +272,22 @@ impl AarController {
             weights,
             positions,
             post_softmax: mode == AarMode::Paper,
+            factors: Vec::new(),
         }
     }
 
-    fn factor(&self, site: &AttentionSite<'_>, like: &Tensor) -> candle_core::Result<Tensor> {
+    fn factor(&mut self, site: &AttentionSite<'_>, like: &Tensor) -> candle_core::Result<Tensor> {
+        let (_, _, _, nk) = like.dims4()?;
+        let key = (site.query_hw.0, site.query_hw.1, nk);
+        if let Some((_, f)) = self.factors.iter().find(|(k, _)| *k == key) {
+            return f.to_dtype(like.dtype());
+        }
+        let f = self.build_factor(site, like)?;
+        self.factors.push((key, f.clone()));
+        Ok(f)
+    }
+
+    fn build_factor(&self, site: &AttentionSite<'_>, like: &Tensor) -> candle_core::Result<Tensor> {
         let (b, _h, nq, nk) = like.dims4()?;
         let (qh, qw) = site.query_hw;
         let ws = resize_bilinear(&self.weights.unsqueeze(1)?, qh, qw)
@@ -535,11 +553,6 @@ pub fn masked_loss(eps_hat: &Tensor, eps: &Tensor, mask: &Tensor) -> Result<Tens
     let m = latent_mask(mask, h, w)?.to_dtype(eps.dtype())?;
     let diff = (eps_hat.broadcast_mul(&m)? - eps.broadcast_mul(&m)?)?;
     Ok(diff.sqr()?.flatten_from(1)?.mean(1)?.mean(0)?)
-}
-
-/// An image batch `[B, 3, H, W]` in [−1, 1] from `u8` HWC pixels `[B, H, W, 3]`.
-pub fn images_from_u8(pixels: &Tensor, dtype: DType) -> Result<Tensor> {
-    crate::ldm::image_u8_to_input(pixels, dtype)
 }
 
 /// A 0/1 mask batch `[B, 1, H, W]` (f32) from `u8` masks `[B, H, W]` (any nonzero is 1).

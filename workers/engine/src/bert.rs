@@ -62,11 +62,6 @@ fn eps() -> f64 {
 }
 
 impl BertConfig {
-    /// The txt2img-large (LDM-256) text encoder: 1280 wide, 32 layers.
-    pub fn ldm_txt2img_large() -> Self {
-        Self::new(1280, 32, 30522, 77)
-    }
-
     /// A config with the module's fixed heads, head width, feed-forward ratio and eps.
     pub fn new(n_embed: usize, n_layer: usize, vocab_size: usize, max_seq_len: usize) -> Self {
         Self {

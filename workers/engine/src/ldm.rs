@@ -252,24 +252,11 @@ impl LdmConfig {
     /// Reads the official YAML (`.yaml`/`.yml`) or a JSON file holding the same structure,
     /// at the top level or under `official_yaml_equivalent` (the fixtures' `config.json`).
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| EngineError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let cfg_err = |message: String| EngineError::Config {
+        let v = read_config_value(path)?;
+        Self::from_value(&v, &path.display().to_string()).map_err(|message| EngineError::Config {
             path: path.to_path_buf(),
             message,
-        };
-        let is_yaml = matches!(
-            path.extension().and_then(|e| e.to_str()),
-            Some("yaml") | Some("yml")
-        );
-        let v: serde_json::Value = if is_yaml {
-            serde_yaml::from_str(&text).map_err(|e| cfg_err(format!("not valid YAML: {e}")))?
-        } else {
-            serde_json::from_str(&text).map_err(|e| cfg_err(format!("not valid JSON: {e}")))?
-        };
-        Self::from_value(&v, &path.display().to_string()).map_err(cfg_err)
+        })
     }
 
     fn from_value(v: &serde_json::Value, what: &str) -> std::result::Result<Self, String> {
@@ -547,6 +534,43 @@ impl LdmConfig {
             attention_levels,
         })
     }
+}
+
+/// Reads the official YAML (`.yaml`/`.yml`) or a JSON file holding the same structure, at the
+/// top level or under `official_yaml_equivalent` (the fixtures' `config.json`), and returns
+/// `{"model": …}` — what a model directory stores as `ldm.json`.
+pub fn read_config_value(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|source| EngineError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let cfg_err = |message: String| EngineError::Config {
+        path: path.to_path_buf(),
+        message,
+    };
+    let is_yaml = matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("yaml") | Some("yml")
+    );
+    let v: serde_json::Value = if is_yaml {
+        serde_yaml::from_str(&text).map_err(|e| cfg_err(format!("not valid YAML: {e}")))?
+    } else {
+        serde_json::from_str(&text).map_err(|e| cfg_err(format!("not valid JSON: {e}")))?
+    };
+    let model = v
+        .get("model")
+        .or_else(|| {
+            v.get("official_yaml_equivalent")
+                .and_then(|o| o.get("model"))
+        })
+        .cloned()
+        .ok_or_else(|| {
+            cfg_err(
+                "no `model` section (expected the official LDM YAML layout: model.target/params)"
+                    .into(),
+            )
+        })?;
+    Ok(serde_json::json!({ "model": model }))
 }
 
 /// How the suffix after a mapped prefix is renamed.

@@ -24,6 +24,24 @@ fn terr(e: impl std::fmt::Display) -> EngineError {
     EngineError::Tokenizer(e.to_string())
 }
 
+/// The ids of `text` without special tokens.
+fn tokenize(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>> {
+    let enc = tokenizer.encode(text, false).map_err(terr)?;
+    Ok(enc.get_ids().to_vec())
+}
+
+/// `[first] ids… [last] [pad]…` of exactly `max_len` ids; over-long input is truncated and
+/// keeps `last`.
+fn frame(mut ids: Vec<u32>, (first, last, pad): (u32, u32, u32), max_len: usize) -> Vec<u32> {
+    ids.truncate(max_len - 2);
+    let mut out = Vec::with_capacity(max_len);
+    out.push(first);
+    out.extend(ids);
+    out.push(last);
+    out.resize(max_len, pad);
+    out
+}
+
 /// CLIP tokenizer with SD's framing (BOS, EOS, padding to a fixed length).
 pub struct ClipTokenizer {
     tokenizer: Tokenizer,
@@ -130,21 +148,17 @@ impl ClipTokenizer {
 
     /// The ids of `text` without framing.
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.tokenizer.encode(text, false).map_err(terr)?;
-        Ok(enc.get_ids().to_vec())
+        tokenize(&self.tokenizer, text)
     }
 
     /// `[BOS] ids… [EOS] [PAD]…` of exactly `max_len` ids (over-long text is truncated,
     /// keeping the EOS).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let mut ids = self.tokenize(text)?;
-        ids.truncate(self.max_len - 2);
-        let mut out = Vec::with_capacity(self.max_len);
-        out.push(self.bos);
-        out.extend(ids);
-        out.push(self.eos);
-        out.resize(self.max_len, self.pad);
-        Ok(out)
+        Ok(frame(
+            self.tokenize(text)?,
+            (self.bos, self.eos, self.pad),
+            self.max_len,
+        ))
     }
 
     /// The id of a token string (e.g. a placeholder token), if it is in the vocabulary.
@@ -226,20 +240,16 @@ impl WordPieceTokenizer {
 
     /// The ids of `text` without framing.
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.tokenizer.encode(text, false).map_err(terr)?;
-        Ok(enc.get_ids().to_vec())
+        tokenize(&self.tokenizer, text)
     }
 
     /// `[CLS] ids… [SEP] [PAD]…` of exactly `max_len` ids.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let mut ids = self.tokenize(text)?;
-        ids.truncate(self.max_len - 2);
-        let mut out = Vec::with_capacity(self.max_len);
-        out.push(self.cls);
-        out.extend(ids);
-        out.push(self.sep);
-        out.resize(self.max_len, self.pad);
-        Ok(out)
+        Ok(frame(
+            self.tokenize(text)?,
+            (self.cls, self.sep, self.pad),
+            self.max_len,
+        ))
     }
 
     /// The id of a token string (e.g. the placeholder `*`), if it is in the vocabulary.

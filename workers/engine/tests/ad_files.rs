@@ -6,7 +6,7 @@
 //! fixture tests say so and pass.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use defectforge_engine::ad_files::{
@@ -14,47 +14,11 @@ use defectforge_engine::ad_files::{
     write_embeddings_safetensors, EmbeddingsFile,
 };
 
-fn fixtures_root() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("DEFECTFORGE_FIXTURES") {
-        let p = PathBuf::from(p);
-        assert!(
-            p.is_dir(),
-            "DEFECTFORGE_FIXTURES={} is not a directory",
-            p.display()
-        );
-        return Some(p);
-    }
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures");
-    if p.is_dir() {
-        Some(p)
-    } else {
-        println!("no fixtures at {}; skipping", p.display());
-        None
-    }
-}
+mod common;
 
 /// Every `anomalydiffusion-tiny*` fixture directory.
 fn ad_dirs() -> Vec<PathBuf> {
-    let Some(root) = fixtures_root() else {
-        return Vec::new();
-    };
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
-        .unwrap()
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.is_dir()
-                && p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("anomalydiffusion-tiny"))
-        })
-        .collect();
-    dirs.sort();
-    assert!(
-        !dirs.is_empty(),
-        "no anomalydiffusion-tiny* fixture under {}",
-        root.display()
-    );
-    dirs
+    common::fixture_dirs("anomalydiffusion-tiny")
 }
 
 fn f32_bits(t: &Tensor) -> Vec<u32> {

@@ -14,29 +14,10 @@ use defectforge_engine::noise::PerSampleNoise;
 use defectforge_engine::spatial::{BnMode, SpatialEncoder, SpatialEncoderConfig};
 use defectforge_engine::tokenizer::WordPieceTokenizer;
 
+mod common;
+
 fn fixture_dirs() -> Vec<PathBuf> {
-    let root = std::env::var_os("DEFECTFORGE_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures"));
-    let Ok(rd) = std::fs::read_dir(&root) else {
-        assert!(
-            std::env::var_os("DEFECTFORGE_FIXTURES").is_none(),
-            "DEFECTFORGE_FIXTURES={} is not readable",
-            root.display()
-        );
-        println!("no fixtures at {}; skipping", root.display());
-        return Vec::new();
-    };
-    let mut v: Vec<PathBuf> = rd
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("anomalydiffusion-tiny"))
-        })
-        .collect();
-    v.sort();
-    v
+    common::fixture_dirs("anomalydiffusion-tiny")
 }
 
 fn load(dir: &Path) -> (AnomalyModel, serde_json::Value) {
@@ -75,13 +56,11 @@ fn load(dir: &Path) -> (AnomalyModel, serde_json::Value) {
     let emb = read_embeddings_pt(&dir.join("embeddings.pt")).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let vocab = tmp.path().join("vocab.txt");
-    let mut lines: Vec<String> = (0..ldm.bert.config().vocab_size)
-        .map(|i| format!("[unused{i}]"))
-        .collect();
-    for (w, id) in cfg["fixture_vocabulary"].as_object().unwrap() {
-        lines[id.as_u64().unwrap() as usize] = w.clone();
-    }
-    std::fs::write(&vocab, lines.join("\n") + "\n").unwrap();
+    common::write_fixture_vocab(
+        cfg["fixture_vocabulary"].as_object().unwrap(),
+        ldm.bert.config().vocab_size,
+        &vocab,
+    );
     let tok = WordPieceTokenizer::from_vocab(&vocab, 77).unwrap();
     let model = AnomalyModel::assemble(ldm, spatial, emb, tok, DType::F32, &dev).unwrap();
     (model, cfg)

@@ -15,46 +15,11 @@ use defectforge_engine::tokenizer::WordPieceTokenizer;
 use defectforge_engine::weights::Weights;
 use defectforge_engine::EngineError;
 
-fn fixtures_root() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("DEFECTFORGE_FIXTURES") {
-        let p = PathBuf::from(p);
-        assert!(
-            p.is_dir(),
-            "DEFECTFORGE_FIXTURES={} is not a directory",
-            p.display()
-        );
-        return Some(p);
-    }
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures");
-    if p.is_dir() {
-        Some(p)
-    } else {
-        println!("no fixtures at {}; skipping", p.display());
-        None
-    }
-}
+mod common;
 
 /// Every `tiny-ldm*` fixture directory.
 fn ldm_dirs() -> Vec<PathBuf> {
-    let Some(root) = fixtures_root() else {
-        return Vec::new();
-    };
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
-        .unwrap()
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("tiny-ldm"))
-        })
-        .collect();
-    dirs.sort();
-    assert!(
-        !dirs.is_empty(),
-        "no tiny-ldm* fixture under {}",
-        root.display()
-    );
-    dirs
+    common::fixture_dirs("tiny-ldm")
 }
 
 fn st_map(path: &Path) -> HashMap<String, Tensor> {
@@ -323,20 +288,14 @@ fn official_yaml_config_is_read() {
     assert!(e.contains("txt2img-1p4B-eval.yaml"), "{e}");
 }
 
-fn fixture_vocab(dir: &Path, out: &Path) -> usize {
+fn fixture_vocab(dir: &Path, out: &Path) {
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-    let words = cfg["fixture_vocabulary"].as_object().unwrap();
     let size = LdmConfig::from_file(&dir.join("config.json"))
         .unwrap()
         .bert
         .vocab_size;
-    let mut lines: Vec<String> = (0..size).map(|i| format!("[unused{i}]")).collect();
-    for (w, id) in words {
-        lines[id.as_u64().unwrap() as usize] = w.clone();
-    }
-    std::fs::write(out, lines.join("\n") + "\n").unwrap();
-    size
+    common::write_fixture_vocab(cfg["fixture_vocabulary"].as_object().unwrap(), size, out);
 }
 
 #[test]

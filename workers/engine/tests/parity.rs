@@ -11,6 +11,8 @@
 //! Kinds are directory-name prefixes; configs and shapes come from each directory's own files,
 //! so any directory of a known kind is checked without code changes.
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -623,17 +625,6 @@ fn load_reference(path: &Path) -> Result<HashMap<String, Tensor>, Box<dyn std::e
 /// The DDIM eta of the `ddimS.*` references (tiny-ldm README: "eta = 1").
 const LDM_DDIM_ETA: f64 = 1.0;
 
-/// Writes a WordPiece `vocab.txt` (line number = id) from a fixture's word → id map, filling
-/// unused ids with `[unusedN]`.
-fn write_vocab(words: &serde_json::Map<String, serde_json::Value>, size: usize, path: &Path) {
-    let mut lines: Vec<String> = (0..size).map(|i| format!("[unused{i}]")).collect();
-    for (w, id) in words {
-        let id = id.as_u64().expect("vocabulary id") as usize;
-        lines[id] = w.clone();
-    }
-    std::fs::write(path, lines.join("\n") + "\n").expect("write vocab");
-}
-
 /// Checks a `tiny-ldm*` directory (CompVis checkpoint layout, see its README).
 fn check_tiny_ldm(dir: &Path) -> Result<Results, Box<dyn std::error::Error>> {
     const FILE: &str = "reference.safetensors";
@@ -728,7 +719,7 @@ fn check_tiny_ldm(dir: &Path) -> Result<Results, Box<dyn std::error::Error>> {
         .ok_or("config.json has no fixture_vocabulary")?;
     let tmp = tempfile::tempdir()?;
     let vocab = tmp.path().join("vocab.txt");
-    write_vocab(words, model.bert.config().vocab_size, &vocab);
+    common::write_fixture_vocab(words, model.bert.config().vocab_size, &vocab);
     let tok = WordPieceTokenizer::from_vocab(&vocab, model.bert.config().max_seq_len)?;
     let by_id: HashMap<i64, &str> = words
         .iter()
