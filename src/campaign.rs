@@ -86,6 +86,10 @@ pub enum MaskSource {
     Scar,
     /// binary masks from a folder (`mask_dir`)
     Folder,
+    /// masks sampled on the fly by the type's learned mask model (`[…mask_model]`)
+    Generated,
+    /// masks from a mask bank written by `defectforge masks generate` (`mask_bank`)
+    Bank,
 }
 
 impl MaskSource {
@@ -96,7 +100,16 @@ impl MaskSource {
             MaskSource::Cutpaste => "cutpaste",
             MaskSource::Scar => "scar",
             MaskSource::Folder => "folder",
+            MaskSource::Generated => "generated",
+            MaskSource::Bank => "bank",
         }
+    }
+    /// Whether masks come from files listed at plan time.
+    pub fn from_files(self) -> bool {
+        matches!(
+            self,
+            MaskSource::Real | MaskSource::Folder | MaskSource::Bank
+        )
     }
     fn parse(s: &str) -> Option<Self> {
         Some(match s {
@@ -105,6 +118,8 @@ impl MaskSource {
             "cutpaste" => MaskSource::Cutpaste,
             "scar" => MaskSource::Scar,
             "folder" => MaskSource::Folder,
+            "generated" => MaskSource::Generated,
+            "bank" => MaskSource::Bank,
             _ => return None,
         })
     }
@@ -207,6 +222,73 @@ impl Default for AnomalyDiffusionSettings {
     }
 }
 
+/// Learned mask-model sampling (`mask = "generated"`, and `defectforge masks generate`);
+/// the defaults are the official `generate_mask.py` ones (docs/masks.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MaskModelSettings {
+    /// the imported model directory holding the mask embeddings (default: the
+    /// `anomalydiffusion.model` of the same defect type)
+    pub model: Option<String>,
+    /// the mask embedding to use; `None` = "<category>+<defect>"
+    pub embedding: Option<String>,
+    /// DDIM steps (official: 100)
+    pub steps: u32,
+    /// DDIM eta (official: 1)
+    pub eta: f32,
+    /// classifier-free guidance scale against the empty prompt (official: 5)
+    pub guidance: f32,
+    /// binarisation threshold on the decoded RGB mean in [-1, 1] (official: 0.8)
+    pub threshold: f32,
+    /// draws per mask before the sample fails (a draw is rejected when a border line holds
+    /// more than a third of its pixels, or when it is empty)
+    pub max_attempts: u32,
+    /// prompt with the placeholder `*`, or "random" for the official templates
+    pub prompt: String,
+    /// masks sampled per model call
+    pub batch: u32,
+}
+
+impl Default for MaskModelSettings {
+    fn default() -> Self {
+        Self {
+            model: None,
+            embedding: None,
+            steps: 100,
+            eta: 1.0,
+            guidance: 5.0,
+            threshold: 0.8,
+            max_attempts: 16,
+            prompt: "random".into(),
+            batch: 8,
+        }
+    }
+}
+
+/// The foreground constraint (docs/masks.md): whether and how masks are kept on the object.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PlacementSettings {
+    /// "off", "estimate" (object region estimated from each normal image) or "file"
+    /// (`foreground_mask`, the same object mask for every image of the category)
+    pub mode: String,
+    /// the object mask when mode = "file" (resized to each image)
+    pub mask_file: Option<String>,
+    /// the fraction of a mask's pixels that must lie on the object; below it the mask is
+    /// moved (or scaled, or clipped) onto the object
+    pub min_coverage: f32,
+}
+
+impl Default for PlacementSettings {
+    fn default() -> Self {
+        Self {
+            mode: "off".into(),
+            mask_file: None,
+            min_coverage: 0.98,
+        }
+    }
+}
+
 /// Everything a generator and a mask source need for one defect type; copied into every sample
 /// message so that workers hold no campaign state.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -215,6 +297,10 @@ pub struct GeneratorSettings {
     pub cutpaste: CutPasteSettings,
     #[serde(default)]
     pub anomalydiffusion: AnomalyDiffusionSettings,
+    #[serde(default)]
+    pub mask_model: MaskModelSettings,
+    #[serde(default)]
+    pub placement: PlacementSettings,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -222,8 +308,12 @@ pub struct DefectSpec {
     pub count: u64,
     pub generator: String,
     pub mask: MaskSource,
-    /// folder of masks when `mask = "folder"` (absolute after resolution)
+    /// folder of masks when `mask = "folder"` (absolute after resolution); with
+    /// `mask = "bank"`, the bank's folder of this type (`<mask_bank>/<category>/<defect>`)
     pub mask_dir: Option<String>,
+    /// the mask bank when `mask = "bank"`
+    #[serde(default)]
+    pub mask_bank: Option<String>,
     pub few_shot_split: FewShotSplit,
     pub settings: GeneratorSettings,
 }
@@ -232,6 +322,9 @@ pub struct DefectSpec {
 pub struct CategorySpec {
     /// folder of normal images (folder layout; for MVTec it is <root>/<category>/train/good)
     pub normal_dir: Option<String>,
+    /// the category's foreground setting as written: "auto", "estimate" or "off"
+    #[serde(default)]
+    pub foreground: String,
     pub defects: BTreeMap<String, DefectSpec>,
 }
 
@@ -627,7 +720,18 @@ impl Campaign {
                         w.problems.push(format!("{cpath}: expected a table"));
                         continue;
                     };
-                    w.unknown(ct, &cpath, &["normal_dir", "defects"]);
+                    w.unknown(
+                        ct,
+                        &cpath,
+                        &[
+                            "normal_dir",
+                            "defects",
+                            "foreground",
+                            "foreground_mask",
+                            "foreground_min_coverage",
+                        ],
+                    );
+                    let fg = parse_foreground(&mut w, ct, &cpath, base);
                     let normal_dir = w
                         .str_opt(ct, &cpath, "normal_dir")
                         .map(|s| resolve_location(base, &s));
@@ -657,7 +761,7 @@ impl Campaign {
                                     continue;
                                 };
                                 if let Some(spec) =
-                                    parse_defect(&mut w, d, &dpath, base, layout, cname)
+                                    parse_defect(&mut w, d, &dpath, base, layout, (cname, dname), &fg)
                                 {
                                     defects.insert(dname.clone(), spec);
                                 }
@@ -668,6 +772,7 @@ impl Campaign {
                         cname.clone(),
                         CategorySpec {
                             normal_dir,
+                            foreground: fg.mode.clone(),
                             defects,
                         },
                     );
@@ -724,13 +829,80 @@ fn quote_key(k: &str) -> String {
     }
 }
 
+/// A category's foreground keys as written (resolved per defect type by [`resolve_placement`]).
+struct CategoryForeground {
+    mode: String,
+    mask_file: Option<String>,
+    min_coverage: f32,
+}
+
+fn parse_foreground(
+    w: &mut Walker,
+    ct: &toml::Table,
+    cpath: &str,
+    base: &Path,
+) -> CategoryForeground {
+    let mut fg = CategoryForeground {
+        mode: "auto".into(),
+        mask_file: None,
+        min_coverage: PlacementSettings::default().min_coverage,
+    };
+    if let Some(m) = w.str_opt(ct, cpath, "foreground") {
+        if !["auto", "estimate", "off"].contains(&m.as_str()) {
+            w.problems.push(format!(
+                "{cpath}.foreground: unknown mode {m:?} (expected \"auto\", \"estimate\" or \"off\"; for a fixed object mask set foreground_mask)"
+            ));
+        }
+        fg.mode = m;
+    }
+    if let Some(f) = w.str_opt(ct, cpath, "foreground_mask") {
+        check_location(w, &format!("{cpath}.foreground_mask"), &f);
+        if fg.mode == "off" {
+            w.problems.push(format!(
+                "{cpath}.foreground_mask: given while foreground = \"off\"; remove one of them"
+            ));
+        }
+        fg.mask_file = Some(resolve_location(base, &f));
+    }
+    if let Some(c) = w.f32_opt(ct, cpath, "foreground_min_coverage", 0.05, 1.0) {
+        fg.min_coverage = c;
+    }
+    fg
+}
+
+/// The placement a defect type gets: a `foreground_mask` constrains every synthetic mask
+/// source; "estimate" likewise with the estimated object; "auto" constrains learned masks
+/// (generated, bank) on object categories only (textures have no background); "off" never.
+/// Real masks are never moved.
+fn resolve_placement(fg: &CategoryForeground, category: &str, mask: MaskSource) -> PlacementSettings {
+    let synthetic = mask != MaskSource::Real;
+    let learned = matches!(mask, MaskSource::Generated | MaskSource::Bank);
+    let mode = match (fg.mask_file.is_some(), fg.mode.as_str()) {
+        _ if !synthetic => "off",
+        (true, _) => "file",
+        (false, "estimate") => "estimate",
+        (false, "auto") if learned && !TEXTURE_CATEGORIES.contains(&category) => "estimate",
+        _ => "off",
+    };
+    PlacementSettings {
+        mode: mode.into(),
+        mask_file: if mode == "file" {
+            fg.mask_file.clone()
+        } else {
+            None
+        },
+        min_coverage: fg.min_coverage,
+    }
+}
+
 fn parse_defect(
     w: &mut Walker,
     d: &toml::Table,
     dpath: &str,
     base: &Path,
     layout: Option<Layout>,
-    category: &str,
+    (category, defect): (&str, &str),
+    fg: &CategoryForeground,
 ) -> Option<DefectSpec> {
     w.unknown(
         d,
@@ -740,6 +912,8 @@ fn parse_defect(
             "generator",
             "mask",
             "mask_dir",
+            "mask_bank",
+            "mask_model",
             "few_shot_split",
             "perlin",
             "cutpaste",
@@ -772,12 +946,36 @@ fn parse_defect(
     let mask = MaskSource::parse(&mask_s);
     if mask.is_none() {
         w.problems.push(format!(
-            "{dpath}.mask: unknown mask source {mask_s:?} (expected real, perlin, cutpaste, scar or folder)"
+            "{dpath}.mask: unknown mask source {mask_s:?} (expected real, perlin, cutpaste, scar, folder, generated or bank)"
         ));
     }
-    let mask_dir = w.str_opt(d, dpath, "mask_dir");
+    let mut mask_dir = w.str_opt(d, dpath, "mask_dir");
     if let Some(md) = &mask_dir {
         check_location(w, &format!("{dpath}.mask_dir"), md);
+    }
+    let mask_bank = w.str_opt(d, dpath, "mask_bank");
+    if let Some(b) = &mask_bank {
+        check_location(w, &format!("{dpath}.mask_bank"), b);
+        if mask != Some(MaskSource::Bank) {
+            w.problems.push(format!(
+                "{dpath}.mask_bank: only used with mask = \"bank\" (this type has mask = {mask_s:?})"
+            ));
+        }
+    }
+    let mask_bank = mask_bank.map(|b| resolve_location(base, &b));
+    match (mask, &mask_bank) {
+        (Some(MaskSource::Bank), None) => w.problems.push(format!(
+            "{dpath}.mask_bank: missing (mask = \"bank\" needs the bank written by `defectforge masks generate --to <bank>`)"
+        )),
+        (Some(MaskSource::Bank), Some(b)) => {
+            if mask_dir.is_some() {
+                w.problems.push(format!(
+                    "{dpath}.mask_dir: not used with mask = \"bank\" (the bank's folder of this type is used)"
+                ));
+            }
+            mask_dir = Some(format!("{}/{category}/{defect}", b.trim_end_matches('/')));
+        }
+        _ => {}
     }
     match mask {
         Some(MaskSource::Folder) if mask_dir.is_none() => w.problems.push(format!(
@@ -849,11 +1047,16 @@ fn parse_defect(
         }
     }
     parse_anomalydiffusion(w, d, dpath, base, category, &generator, &mut settings);
+    parse_mask_model(w, d, dpath, base, mask, &mut settings);
+    if let Some(m) = mask {
+        settings.placement = resolve_placement(fg, category, m);
+    }
     Some(DefectSpec {
         count: count? as u64,
         generator,
         mask: mask?,
         mask_dir: mask_dir.map(|m| resolve_location(base, &m)),
+        mask_bank,
         few_shot_split: split,
         settings,
     })
@@ -960,6 +1163,89 @@ fn parse_anomalydiffusion(
         w.problems.push(format!(
             "{ap}.model: missing (generator \"anomalydiffusion\" needs the model directory printed by `defectforge models import`, e.g. \"s3://bucket/models/ad-…\")"
         ));
+    }
+}
+
+fn parse_mask_model(
+    w: &mut Walker,
+    d: &toml::Table,
+    dpath: &str,
+    base: &Path,
+    mask: Option<MaskSource>,
+    settings: &mut GeneratorSettings,
+) {
+    let mp = format!("{dpath}.mask_model");
+    let s = &mut settings.mask_model;
+    if let Some(a) = w.table(d, dpath, "mask_model") {
+        if mask != Some(MaskSource::Generated) {
+            w.problems.push(format!(
+                "{mp}: only used with mask = \"generated\" (a bank records its own sampling settings)"
+            ));
+        }
+        w.unknown(
+            a,
+            &mp,
+            &[
+                "model",
+                "embedding",
+                "steps",
+                "eta",
+                "guidance",
+                "threshold",
+                "max_attempts",
+                "prompt",
+                "batch",
+            ],
+        );
+        if let Some(m) = w.str_opt(a, &mp, "model") {
+            check_location(w, &format!("{mp}.model"), &m);
+            s.model = Some(resolve_location(base, &m));
+        }
+        if let Some(e) = w.str_opt(a, &mp, "embedding") {
+            if e.is_empty() {
+                w.problems.push(format!("{mp}.embedding must not be empty"));
+            }
+            s.embedding = Some(e);
+        }
+        if let Some(n) = w.int_opt(a, &mp, "steps", 1) {
+            if n > 1000 || 1000 % n != 0 {
+                w.problems.push(format!(
+                    "{mp}.steps: {n} does not divide the 1000 diffusion steps (use e.g. 10, 20, 25, 50, 100, 200)"
+                ));
+            }
+            s.steps = n as u32;
+        }
+        if let Some(e) = w.f32_opt(a, &mp, "eta", 0.0, 1.0) {
+            s.eta = e;
+        }
+        if let Some(g) = w.f32_opt(a, &mp, "guidance", 0.0, 50.0) {
+            s.guidance = g;
+        }
+        if let Some(t) = w.f32_opt(a, &mp, "threshold", -1.0, 1.0) {
+            s.threshold = t;
+        }
+        if let Some(n) = w.int_opt(a, &mp, "max_attempts", 1) {
+            s.max_attempts = n.min(10_000) as u32;
+        }
+        if let Some(p) = w.str_opt(a, &mp, "prompt") {
+            if p != "random" && p.matches('*').count() != 1 {
+                w.problems.push(format!(
+                    "{mp}.prompt: {p:?} must contain the placeholder * exactly once (or be \"random\")"
+                ));
+            }
+            s.prompt = p;
+        }
+        if let Some(n) = w.int_opt(a, &mp, "batch", 1) {
+            s.batch = n.min(256) as u32;
+        }
+    }
+    if mask == Some(MaskSource::Generated) && s.model.is_none() {
+        match &settings.anomalydiffusion.model {
+            Some(m) => s.model = Some(m.clone()),
+            None => w.problems.push(format!(
+                "{mp}.model: missing (mask = \"generated\" needs a model imported with --mask-embeddings; set mask_model.model or anomalydiffusion.model)"
+            )),
+        }
     }
 }
 

@@ -46,6 +46,16 @@ fn join_loc(base: &str, rel: &str) -> String {
     format!("{}/{}", base.trim_end_matches('/'), rel)
 }
 
+/// Reads one file (local path or s3:// URI).
+pub async fn read_file(uri: &str, s3: &S3Config) -> Result<bytes::Bytes, String> {
+    let (dir, name) = uri
+        .trim_end_matches('/')
+        .rsplit_once('/')
+        .ok_or_else(|| format!("{uri}: not a file location"))?;
+    let st = store::open(dir, s3).await.map_err(|e| e.to_string())?;
+    st.get(name).await.map_err(|e| e.to_string())
+}
+
 /// Lists the image files directly inside a folder (local or s3://), as URIs, sorted.
 pub async fn list_images(location: &str, s3: &S3Config) -> Result<Vec<String>, String> {
     let st = store::open(location, s3).await.map_err(|e| e.to_string())?;
@@ -127,6 +137,28 @@ pub async fn resolve(c: &Campaign, s3: &S3Config) -> Result<DatasetInputs, Datas
                         }
                     }
                 }
+                MaskSource::Bank => {
+                    let dir = d.mask_dir.clone().unwrap_or_default();
+                    let bank = d.mask_bank.clone().unwrap_or_default();
+                    let fix = format!(
+                        "generate them with `defectforge masks generate --model <model> --types {cname}+{dname} --count <n> --to {bank}`"
+                    );
+                    match list_images(&dir, s3).await {
+                        Ok(m) if m.is_empty() => {
+                            problems.push(format!(
+                                "{path}.mask_bank: the bank {bank} has no masks for {cname}+{dname}; {fix}"
+                            ));
+                            vec![]
+                        }
+                        Ok(m) => m,
+                        Err(e) => {
+                            problems.push(format!(
+                                "{path}.mask_bank: cannot list {dir}: {e} ({fix})"
+                            ));
+                            vec![]
+                        }
+                    }
+                }
                 MaskSource::Folder => {
                     let dir = d.mask_dir.clone().unwrap_or_default();
                     match list_images(&dir, s3).await {
@@ -155,6 +187,17 @@ pub async fn resolve(c: &Campaign, s3: &S3Config) -> Result<DatasetInputs, Datas
                 }
             }
             ci.defects.insert(dname.clone(), DefectInputs { masks });
+        }
+        if let Some(f) = cat
+            .defects
+            .values()
+            .find_map(|d| d.settings.placement.mask_file.clone())
+        {
+            if let Err(e) = read_file(&f, s3).await {
+                problems.push(format!(
+                    "categories.{cname}.foreground_mask: cannot read {f}: {e} (give a binary object mask image, or set foreground = \"estimate\")"
+                ));
+            }
         }
         out.categories.insert(cname.clone(), ci);
     }

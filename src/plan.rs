@@ -3,7 +3,7 @@
 //! every machine and samples are computed on demand, shard by shard: planning a million samples
 //! holds only the dataset listing in memory.
 
-use crate::campaign::{Campaign, MaskSource};
+use crate::campaign::Campaign;
 use crate::dataset::DatasetInputs;
 use crate::ids;
 use crate::messages::{SampleSpec, ShardMessage, TypeSpec, MESSAGE_VERSION};
@@ -113,7 +113,7 @@ impl Plan {
         let seed = self.campaign.seed;
         let normal_uri = t.normals[pick(seed, index, b"normal", t.normals.len())].clone();
         let mask_uri = match t.spec.mask_source {
-            MaskSource::Real | MaskSource::Folder if !t.masks.is_empty() => {
+            _ if t.spec.mask_source.from_files() && !t.masks.is_empty() => {
                 Some(t.masks[pick(seed, index, b"mask", t.masks.len())].clone())
             }
             _ => None,

@@ -166,6 +166,11 @@ enum ModelsCmd {
         /// the spatial encoder's shape as JSON (default: inferred from its tensors)
         #[arg(long, env = "DEFECTFORGE_SPATIAL_CONFIG")]
         spatial_config: Option<PathBuf>,
+        /// a per-type mask model (train_mask.py's embeddings.pt) as <category>+<defect>=<file>,
+        /// or a safetensors file whose embeddings are already named; repeat per type (the
+        /// variable takes a comma-separated list)
+        #[arg(long = "mask-embeddings", env = "DEFECTFORGE_MASK_EMBEDDINGS", value_delimiter = ',')]
+        mask_embeddings: Vec<String>,
         /// where models live: a directory or s3://bucket/prefix (the model goes to <to>/models/<id>)
         #[arg(long, env = "DEFECTFORGE_MODELS")]
         to: String,
@@ -233,21 +238,32 @@ async fn main() {
                     embeddings,
                     spatial_encoder,
                     spatial_config,
+                    mask_embeddings,
                     to,
                     staging,
                     json,
                     s3,
                 },
         } => {
-            let inputs = defectforge_worker::models::ImportInputs {
-                ldm_checkpoint: ldm_ckpt,
-                ldm_config,
-                vocab,
-                embeddings,
-                spatial_encoder,
-                spatial_config,
-            };
-            commands::models_import(inputs, &to, &staging, json, &s3.config()).await
+            match mask_embeddings
+                .iter()
+                .map(|s| defectforge_worker::models::parse_mask_embedding_arg(s))
+                .collect::<Result<Vec<_>, _>>()
+            {
+                Ok(mask_embeddings) => {
+                    let inputs = defectforge_worker::models::ImportInputs {
+                        ldm_checkpoint: ldm_ckpt,
+                        ldm_config,
+                        vocab,
+                        embeddings,
+                        spatial_encoder,
+                        spatial_config,
+                        mask_embeddings,
+                    };
+                    commands::models_import(inputs, &to, &staging, json, &s3.config()).await
+                }
+                Err(e) => Err(e.into()),
+            }
         }
         Cmd::Models {
             cmd: ModelsCmd::Show { model, s3 },

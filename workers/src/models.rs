@@ -21,7 +21,7 @@ use bytes::Bytes;
 use defectforge::store::{self, S3Config, StoreError};
 use defectforge_engine::ad_files::{
     read_embeddings_pt, read_embeddings_safetensors, read_torch_state_dict,
-    write_embeddings_safetensors,
+    write_embeddings_safetensors, EmbeddingsFile,
 };
 use defectforge_engine::ad_model::{self, infer_spatial_config, AnomalyModel};
 use defectforge_engine::ldm::{open_checkpoint, LdmConfig, LdmModel};
@@ -93,6 +93,12 @@ pub struct ModelManifest {
     pub placeholder_token: u32,
     /// `[vectors, width]` of every anomaly embedding.
     pub embedding_shape: [usize; 2],
+    /// The types with a learned mask model (`mask_embeddings.safetensors`).
+    #[serde(default)]
+    pub mask_types: Vec<String>,
+    /// `[vectors, width]` of the mask embeddings (16 in the official files).
+    #[serde(default)]
+    pub mask_embedding_shape: Option<[usize; 2]>,
     pub spatial_encoder: SpatialEncoderConfig,
     /// Parameter counts per part.
     pub parameters: BTreeMap<String, u64>,
@@ -146,6 +152,93 @@ pub struct ImportInputs {
     pub spatial_encoder: PathBuf,
     /// The spatial encoder's shape as JSON; inferred from the tensor shapes when absent.
     pub spatial_config: Option<PathBuf>,
+    /// Per-type mask-model embeddings (`train_mask.py`'s `embeddings.pt`): `(name, file)`,
+    /// the name `<category>+<defect>` given for a file holding one embedding (the official
+    /// files hold only `*`), or `None` for a file whose embeddings are already named.
+    pub mask_embeddings: Vec<(Option<String>, PathBuf)>,
+}
+
+/// Parses a `--mask-embeddings` value: `<category>+<defect>=<file>` or a bare file.
+pub fn parse_mask_embedding_arg(s: &str) -> Result<(Option<String>, PathBuf), ModelError> {
+    match s.split_once('=') {
+        Some((name, path)) => {
+            let ok = name.split_once('+').is_some_and(|(c, d)| {
+                defectforge::campaign::is_safe_name(c) && defectforge::campaign::is_safe_name(d)
+            });
+            if !ok {
+                return Err(ModelError::Invalid(format!(
+                    "--mask-embeddings {s:?}: the name must be <category>+<defect> (as in the anomaly embeddings), e.g. bottle+broken_large=logs/mask-checkpoints/bottle-broken_large/checkpoints/embeddings.pt"
+                )));
+            }
+            Ok((Some(name.to_string()), PathBuf::from(path)))
+        }
+        None => Ok((None, PathBuf::from(s))),
+    }
+}
+
+/// Reads the mask embeddings of an import into one named set.
+fn read_mask_embeddings(
+    list: &[(Option<String>, PathBuf)],
+) -> Result<Option<EmbeddingsFile>, ModelError> {
+    let mut merged: Option<EmbeddingsFile> = None;
+    for (name, path) in list {
+        let f = if is_torch_file(path) {
+            read_embeddings_pt(path)?
+        } else {
+            read_embeddings_safetensors(path)?
+        };
+        let params: Vec<(String, Tensor)> = match name {
+            Some(n) => {
+                if f.params.len() != 1 {
+                    return Err(ModelError::Invalid(format!(
+                        "{}: holds {} embeddings ({}); a file given as {n}=<file> must hold exactly one",
+                        path.display(),
+                        f.params.len(),
+                        f.params.keys().cloned().collect::<Vec<_>>().join(", ")
+                    )));
+                }
+                let t = f.params.values().next().cloned().expect("one");
+                vec![(n.clone(), t)]
+            }
+            None => {
+                let bad: Vec<&String> = f
+                    .params
+                    .keys()
+                    .filter(|k| !k.contains('+'))
+                    .collect();
+                if !bad.is_empty() {
+                    return Err(ModelError::Invalid(format!(
+                        "{}: embedding {:?} is not named <category>+<defect>; give the file as <category>+<defect>={}",
+                        path.display(),
+                        bad[0],
+                        path.display()
+                    )));
+                }
+                f.params.clone().into_iter().collect()
+            }
+        };
+        let m = merged.get_or_insert_with(|| EmbeddingsFile {
+            params: BTreeMap::new(),
+            placeholder_tokens: f.placeholder_tokens.clone(),
+        });
+        if m.placeholder_tokens != f.placeholder_tokens {
+            return Err(ModelError::Invalid(format!(
+                "{}: placeholder tokens {:?} differ from the other mask embeddings' {:?}",
+                path.display(),
+                f.placeholder_tokens,
+                m.placeholder_tokens
+            )));
+        }
+        for (n, t) in params {
+            if m.params.insert(n.clone(), t).is_some() {
+                return Err(ModelError::Invalid(format!(
+                    "mask embedding {n:?} is given twice (again in {})",
+                    path.display()
+                )));
+            }
+        }
+    }
+    Ok(merged)
 }
 
 fn is_torch_file(p: &Path) -> bool {
@@ -194,6 +287,19 @@ pub fn build_model_dir(inputs: &ImportInputs, out: &Path) -> Result<ModelManifes
             )));
         }
         add_source(role, p)?;
+    }
+    for (name, p) in &inputs.mask_embeddings {
+        if !p.is_file() {
+            return Err(ModelError::Invalid(format!(
+                "mask embeddings: {} does not exist",
+                p.display()
+            )));
+        }
+        let role = match name {
+            Some(n) => format!("mask_embeddings:{n}"),
+            None => format!("mask_embeddings:{}", p.display()),
+        };
+        add_source(&role, p)?;
     }
 
     // The LDM: validate by building it, then store its tensors under their original names.
@@ -274,7 +380,17 @@ pub fn build_model_dir(inputs: &ImportInputs, out: &Path) -> Result<ModelManifes
     save_tensors(&st, Some(meta), &out.join(ad_model::SPATIAL_ENCODER))?;
 
     // The parts must fit together (widths, placeholder id).
-    let model = AnomalyModel::assemble(ldm, spatial, emb.clone(), tok, DType::F32, &dev)?;
+    let mut model = AnomalyModel::assemble(ldm, spatial, emb.clone(), tok, DType::F32, &dev)?;
+    let mut mask_embedding_shape = None;
+    if let Some(me) = read_mask_embeddings(&inputs.mask_embeddings)? {
+        model.set_mask_embeddings(me.clone())?;
+        let first = model.mask_embeddings.values().next().expect("non-empty");
+        mask_embedding_shape = Some([
+            first.dim(0).map_err(EngineError::from)?,
+            first.dim(1).map_err(EngineError::from)?,
+        ]);
+        write_embeddings_safetensors(&me, &out.join(ad_model::MASK_EMBEDDINGS))?;
+    }
     let first = model
         .embeddings
         .values()
@@ -310,6 +426,10 @@ pub fn build_model_dir(inputs: &ImportInputs, out: &Path) -> Result<ModelManifes
     ] {
         files.insert(name.to_string(), file_digest(&out.join(name))?);
     }
+    if mask_embedding_shape.is_some() {
+        let name = ad_model::MASK_EMBEDDINGS;
+        files.insert(name.to_string(), file_digest(&out.join(name))?);
+    }
     let (digest, id) = content_id(&files);
     let manifest = ModelManifest {
         format: FORMAT,
@@ -323,6 +443,8 @@ pub fn build_model_dir(inputs: &ImportInputs, out: &Path) -> Result<ModelManifes
         placeholder: model.placeholder.clone(),
         placeholder_token: model.placeholder_token,
         embedding_shape,
+        mask_types: model.mask_types(),
+        mask_embedding_shape,
         spatial_encoder: se_cfg,
         parameters,
         sources,

@@ -5,7 +5,9 @@
 //! Files of a model directory: `ldm.safetensors` (the LDM checkpoint's tensors under their
 //! original names), `ldm.json` (the official YAML's content as JSON), `vocab.txt`,
 //! `spatial_encoder.safetensors` (its config in the metadata key `config`),
-//! `embeddings.safetensors` (`string_to_param.<name>`, `string_to_token.<placeholder>`).
+//! `embeddings.safetensors` (`string_to_param.<name>`, `string_to_token.<placeholder>`), and
+//! optionally `mask_embeddings.safetensors` (the per-type mask-model embeddings, same layout,
+//! `string_to_param.<name>` `[16, D]` in the official files; see [`crate::maskgen`]).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -14,6 +16,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::ad_files::{read_embeddings_safetensors, EmbeddingsFile};
 use crate::anomaly::{sample, splice, SamplerOptions};
+use crate::maskgen::{postprocess, sample_guided, MaskSamplerOptions, MaskSamples};
 use crate::error::{EngineError, Result};
 use crate::ldm::LdmModel;
 use crate::noise::NoiseSource;
@@ -26,6 +29,7 @@ pub const LDM_CONFIG: &str = "ldm.json";
 pub const VOCAB: &str = "vocab.txt";
 pub const SPATIAL_ENCODER: &str = "spatial_encoder.safetensors";
 pub const EMBEDDINGS: &str = "embeddings.safetensors";
+pub const MASK_EMBEDDINGS: &str = "mask_embeddings.safetensors";
 
 /// The official prompt templates (`imagenet_templates_small` of `ldm/data/personalized.py`, 81
 /// entries with repeats, as the official sampler draws from them), `{}` being the placeholder.
@@ -119,6 +123,8 @@ pub struct AnomalyModel {
     pub spatial: SpatialEncoder,
     /// Embedding name (`"<category>+<defect>"`) → e_a `[N, D]`.
     pub embeddings: BTreeMap<String, Tensor>,
+    /// Embedding name → the mask model's e_m `[K, D]` (empty when the model has none).
+    pub mask_embeddings: BTreeMap<String, Tensor>,
     /// The placeholder string (`*`) and its token id.
     pub placeholder: String,
     pub placeholder_token: u32,
@@ -133,7 +139,121 @@ impl AnomalyModel {
         let emb = read_embeddings_safetensors(&dir.join(EMBEDDINGS))?;
         let tokenizer =
             WordPieceTokenizer::from_vocab(&dir.join(VOCAB), ldm.bert.config().max_seq_len)?;
-        Self::assemble(ldm, spatial, emb, tokenizer, dtype, device)
+        let mut model = Self::assemble(ldm, spatial, emb, tokenizer, dtype, device)?;
+        let masks = dir.join(MASK_EMBEDDINGS);
+        if masks.exists() {
+            model.set_mask_embeddings(read_embeddings_safetensors(&masks)?)?;
+        }
+        Ok(model)
+    }
+
+    /// Installs the mask-model embeddings, checking that they use this model's placeholder and
+    /// text-encoder width.
+    pub fn set_mask_embeddings(&mut self, emb: EmbeddingsFile) -> Result<()> {
+        let d = self.ldm.bert.config().n_embed;
+        for (p, t) in &emb.placeholder_tokens {
+            if *p != self.placeholder || *t != self.placeholder_token as i64 {
+                return Err(EngineError::Invalid(format!(
+                    "the mask embeddings use placeholder {p:?} = token {t}, the anomaly model {:?} = {}",
+                    self.placeholder, self.placeholder_token
+                )));
+            }
+        }
+        let mut out = BTreeMap::new();
+        for (name, t) in emb.params {
+            if t.rank() != 2 || t.dim(1)? != d {
+                return Err(EngineError::Invalid(format!(
+                    "mask embedding {name:?} has shape {:?}, expected [K, {d}]",
+                    t.dims()
+                )));
+            }
+            out.insert(
+                name,
+                t.to_dtype(self.ldm.dtype())?.to_device(self.ldm.device())?,
+            );
+        }
+        self.mask_embeddings = out;
+        Ok(())
+    }
+
+    /// The names that have a mask model (sorted).
+    pub fn mask_types(&self) -> Vec<String> {
+        self.mask_embeddings.keys().cloned().collect()
+    }
+
+    /// Token ids `[B, L]` of prompts that must each hold the placeholder.
+    fn prompt_ids(&self, prompts: &[String], dev: &Device) -> Result<Tensor> {
+        let mut ids = Vec::with_capacity(prompts.len() * self.tokenizer.max_len());
+        for p in prompts {
+            let row = self.tokenizer.encode(p)?;
+            if !row.contains(&self.placeholder_token) {
+                return Err(EngineError::Invalid(format!(
+                    "prompt {p:?} has no placeholder {:?} (or it was truncated away)",
+                    self.placeholder
+                )));
+            }
+            ids.extend(row);
+        }
+        Ok(Tensor::from_vec(
+            ids,
+            (prompts.len(), self.tokenizer.max_len()),
+            dev,
+        )?)
+    }
+
+    /// The mask model's conditioning `[B, L, D]`: `BERT(splice(prompt, e_m(name)))`.
+    pub fn mask_context(&self, prompts: &[String], names: &[String]) -> Result<Tensor> {
+        if names.len() != prompts.len() {
+            return Err(EngineError::Invalid(format!(
+                "mask context: {} prompts, {} names",
+                prompts.len(),
+                names.len()
+            )));
+        }
+        let dev = self.ldm.device();
+        let ids = self.prompt_ids(prompts, dev)?;
+        let e_m = names
+            .iter()
+            .map(|n| {
+                self.mask_embeddings.get(n).cloned().ok_or_else(|| {
+                    EngineError::Invalid(format!(
+                        "the model has no mask embedding {n:?}; it has mask models for: {}",
+                        if self.mask_embeddings.is_empty() {
+                            "none (import them with `defectforge models import --mask-embeddings`)".to_string()
+                        } else {
+                            self.mask_types().join(", ")
+                        }
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let e_m = Tensor::stack(&e_m, 0)?;
+        let tok = self.ldm.bert.embed_tokens(&ids)?;
+        let sp = splice(&ids, &tok, self.placeholder_token, &e_m)?;
+        Ok(self.ldm.bert.forward_embeds(&sp.embeds)?)
+    }
+
+    /// The unconditional context `BERT("")` repeated `b` times.
+    pub fn uncond_context(&self, b: usize) -> Result<Tensor> {
+        let row = self.tokenizer.encode("")?;
+        let l = row.len();
+        let ids = Tensor::from_vec(row.repeat(b), (b, l), self.ldm.device())?;
+        self.ldm.encode_text(&ids)
+    }
+
+    /// Samples one mask per row with the guided sampler and post-processes them
+    /// (see [`crate::maskgen`]).
+    pub fn sample_masks(
+        &self,
+        prompts: &[String],
+        names: &[String],
+        opts: &MaskSamplerOptions,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<MaskSamples> {
+        let c = self.mask_context(prompts, names)?;
+        let uc = self.uncond_context(prompts.len())?;
+        let out = sample_guided(&self.ldm, &c, &uc, opts, noise, false)?;
+        postprocess(&self.ldm, &out.latent, opts.threshold)
     }
 
     /// Builds the model from its parts, checking that they fit together (token widths, the
@@ -184,6 +304,7 @@ impl AnomalyModel {
             ldm,
             spatial,
             embeddings,
+            mask_embeddings: BTreeMap::new(),
             placeholder,
             placeholder_token: token as u32,
             tokenizer,
@@ -219,19 +340,7 @@ impl AnomalyModel {
                 masks.dim(0)?
             )));
         }
-        let dev = masks.device();
-        let mut ids = Vec::with_capacity(b * self.tokenizer.max_len());
-        for p in prompts {
-            let row = self.tokenizer.encode(p)?;
-            if !row.contains(&self.placeholder_token) {
-                return Err(EngineError::Invalid(format!(
-                    "prompt {p:?} has no placeholder {:?} (or it was truncated away)",
-                    self.placeholder
-                )));
-            }
-            ids.extend(row);
-        }
-        let ids = Tensor::from_vec(ids, (b, self.tokenizer.max_len()), dev)?;
+        let ids = self.prompt_ids(prompts, masks.device())?;
         let e_a = names
             .iter()
             .map(|n| {

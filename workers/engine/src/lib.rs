@@ -53,6 +53,7 @@ pub mod ddim;
 pub mod error;
 pub mod ldm;
 pub mod ldm_ddim;
+pub mod maskgen;
 pub mod nn;
 pub mod noise;
 pub mod resnet;
