@@ -247,6 +247,9 @@ pub struct MaskModelSettings {
     pub prompt: String,
     /// masks sampled per model call
     pub batch: u32,
+    /// also reject masks that vanish at the 32×32 latent grid (AnomalyDiffusion cannot paint
+    /// them); by default they are kept and flagged `thin_defect` in the manifest
+    pub reject_thin: bool,
 }
 
 impl Default for MaskModelSettings {
@@ -261,6 +264,7 @@ impl Default for MaskModelSettings {
             max_attempts: 16,
             prompt: "random".into(),
             batch: 8,
+            reject_thin: false,
         }
     }
 }
@@ -1195,8 +1199,12 @@ fn parse_mask_model(
                 "max_attempts",
                 "prompt",
                 "batch",
+                "reject_thin",
             ],
         );
+        if let Some(b) = w.bool_opt(a, &mp, "reject_thin") {
+            s.reject_thin = b;
+        }
         if let Some(m) = w.str_opt(a, &mp, "model") {
             check_location(w, &format!("{mp}.model"), &m);
             s.model = Some(resolve_location(base, &m));

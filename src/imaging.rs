@@ -171,6 +171,55 @@ pub fn resize_mask(mask: &GrayImage, w: u32, h: u32) -> GrayImage {
     ))
 }
 
+/// The AnomalyDiffusion working size and latent grid side.
+pub const AD_WORKING_SIZE: u32 = 256;
+pub const AD_LATENT_SIZE: u32 = 32;
+
+/// Bilinear resize of a single-channel float image as torchvision 0.13.1's `Resize` on tensors
+/// (`align_corners = False`, no antialias): output pixel i samples source coordinate
+/// `(i + 0.5)·in/out − 0.5`, clamped at 0.
+pub fn resize_bilinear_f32(src: &[f32], w: u32, h: u32, ow: u32, oh: u32) -> Vec<f32> {
+    let coords = |n_in: u32, n_out: u32| -> Vec<(usize, usize, f32)> {
+        let scale = n_in as f32 / n_out as f32;
+        (0..n_out)
+            .map(|i| {
+                let x = ((i as f32 + 0.5) * scale - 0.5).max(0.0);
+                let x0 = (x.floor() as usize).min(n_in as usize - 1);
+                let x1 = (x0 + 1).min(n_in as usize - 1);
+                (x0, x1, x - x0 as f32)
+            })
+            .collect()
+    };
+    let (cx, cy) = (coords(w, ow), coords(h, oh));
+    let mut out = Vec::with_capacity((ow * oh) as usize);
+    for &(y0, y1, ly) in &cy {
+        for &(x0, x1, lx) in &cx {
+            let p = |x: usize, y: usize| src[y * w as usize + x];
+            let top = p(x0, y0) * (1.0 - lx) + p(x1, y0) * lx;
+            let bot = p(x0, y1) * (1.0 - lx) + p(x1, y1) * lx;
+            out.push(top * (1.0 - ly) + bot * ly);
+        }
+    }
+    out
+}
+
+/// Cells set in AnomalyDiffusion's latent mask of `mask`: the mask at the 256×256 working size
+/// (resized as the loader does when it is another size), then bilinear to 32×32 and ≥ 0.5.
+/// Zero means the defect vanishes at the latent grid (thinner than about 8 px).
+pub fn latent_mask_area(mask: &GrayImage) -> u32 {
+    let s = AD_WORKING_SIZE;
+    let m = if mask.dimensions() == (s, s) {
+        binarize(mask)
+    } else {
+        resize_mask(mask, s, s)
+    };
+    let f: Vec<f32> = m.pixels().map(|p| (p.0[0] > 0) as u8 as f32).collect();
+    resize_bilinear_f32(&f, s, s, AD_LATENT_SIZE, AD_LATENT_SIZE)
+        .iter()
+        .filter(|&&v| v >= 0.5)
+        .count() as u32
+}
+
 /// Number of pixels outside the mask that differ from the normal image (must be 0).
 pub fn changed_outside(normal: &RgbImage, out: &RgbImage, mask: &GrayImage) -> u64 {
     normal
@@ -184,6 +233,29 @@ pub fn changed_outside(normal: &RgbImage, out: &RgbImage, mask: &GrayImage) -> u
 #[cfg(test)]
 mod tests {
     use super::*;
+    use image::Luma;
+
+    #[test]
+    fn thin_masks_vanish_at_the_latent_grid_and_blobs_do_not() {
+        let mk = |f: &dyn Fn(u32, u32) -> bool| {
+            GrayImage::from_fn(256, 256, |x, y| Luma([if f(x, y) { 255 } else { 0 }]))
+        };
+        // A 2-px vertical line at columns 0-1 of every 8-px block misses the sampled centre
+        // pixels (3 and 4 of each block), so it vanishes.
+        let thin = mk(&|x, _| x == 40 || x == 41);
+        assert_eq!(latent_mask_area(&thin), 0);
+        // The same line through the centre pixels survives as one column of cells.
+        let centred = mk(&|x, _| x == 43 || x == 44);
+        assert_eq!(latent_mask_area(&centred), 32);
+        // A 64×64 square covers 8×8 cells.
+        let square = mk(&|x, y| (64..128).contains(&x) && (64..128).contains(&y));
+        assert_eq!(latent_mask_area(&square), 64);
+        // Masks of other sizes are resized to 256 first: the square at 512 is the same.
+        let big = GrayImage::from_fn(512, 512, |x, y| {
+            Luma([if (128..256).contains(&x) && (128..256).contains(&y) { 255 } else { 0 }])
+        });
+        assert_eq!(latent_mask_area(&big), 64);
+    }
 
     #[test]
     fn stats_and_quality() {

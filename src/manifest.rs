@@ -3,7 +3,7 @@
 //! this schema; docs/manifest.md documents every column for data scientists.
 
 use arrow::array::{
-    Array, ArrayRef, Float32Array, RecordBatch, StringArray, TimestampMicrosecondArray,
+    Array, ArrayRef, BooleanArray, Float32Array, RecordBatch, StringArray, TimestampMicrosecondArray,
     UInt32Array, UInt64Array,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
@@ -17,7 +17,7 @@ use parquet::file::properties::WriterProperties;
 use std::sync::{Arc, OnceLock};
 
 /// Bumped when columns change meaning; written as Parquet key-value metadata.
-pub const MANIFEST_VERSION: &str = "2";
+pub const MANIFEST_VERSION: &str = "3";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ManifestRow {
@@ -62,6 +62,19 @@ pub struct ManifestRow {
     /// diffusion generators: DDIM steps and adaptive attention re-weighting mode
     pub diffusion_steps: Option<u32>,
     pub reweighting: Option<String>,
+    /// the foreground constraint's action on the mask: kept, moved, scaled, clipped,
+    /// unplaceable, or off (not constrained)
+    pub mask_placement: String,
+    /// fraction of the mask on the estimated (or given) object after placement; null when off
+    pub foreground_coverage: Option<f32>,
+    /// learned masks sampled on the fly: draws until one was accepted
+    pub mask_attempts: Option<u32>,
+    /// mask cells set at the 32×32 latent grid of a 256×256 working image (bilinear, ≥ 0.5,
+    /// as AnomalyDiffusion computes it)
+    pub latent_mask_area: u32,
+    /// the mask vanishes at the 32×32 latent grid (latent_mask_area = 0): AnomalyDiffusion
+    /// cannot paint it (the official pipeline silently loses such defects)
+    pub thin_defect: bool,
     pub worker_id: String,
     pub attempt: String,
     pub duration_ms: f32,
@@ -114,6 +127,11 @@ pub fn schema() -> SchemaRef {
             f("normal_height", UInt32),
             Field::new("diffusion_steps", UInt32, true),
             Field::new("reweighting", Utf8, true),
+            f("mask_placement", Utf8),
+            Field::new("foreground_coverage", Float32, true),
+            Field::new("mask_attempts", UInt32, true),
+            f("latent_mask_area", UInt32),
+            f("thin_defect", Boolean),
             f("worker_id", Utf8),
             f("attempt", Utf8),
             f("duration_ms", Float32),
@@ -195,6 +213,15 @@ pub fn to_batch(rows: &[ManifestRow]) -> Result<RecordBatch, ManifestError> {
                 .collect::<UInt32Array>(),
         ),
         so(rows, |r| r.reweighting.as_deref()),
+        s(rows, |r| &r.mask_placement),
+        Arc::new(
+            rows.iter()
+                .map(|r| r.foreground_coverage)
+                .collect::<Float32Array>(),
+        ),
+        Arc::new(rows.iter().map(|r| r.mask_attempts).collect::<UInt32Array>()),
+        u32s(rows, |r| r.latent_mask_area),
+        Arc::new(rows.iter().map(|r| Some(r.thin_defect)).collect::<BooleanArray>()),
         s(rows, |r| &r.worker_id),
         s(rows, |r| &r.attempt),
         f32s(rows, |r| r.duration_ms),
@@ -342,6 +369,17 @@ pub fn rows_from_batches(batches: &[RecordBatch]) -> Vec<ManifestRow> {
                     (!a.is_null(i)).then(|| a.value(i))
                 },
                 reweighting: opt(s("reweighting"), i),
+                mask_placement: s("mask_placement").value(i).into(),
+                foreground_coverage: {
+                    let a = f32c("foreground_coverage");
+                    (!a.is_null(i)).then(|| a.value(i))
+                },
+                mask_attempts: {
+                    let a = u32c("mask_attempts");
+                    (!a.is_null(i)).then(|| a.value(i))
+                },
+                latent_mask_area: u32c("latent_mask_area").value(i),
+                thin_defect: col::<BooleanArray>(b, "thin_defect").value(i),
                 worker_id: s("worker_id").value(i).into(),
                 attempt: s("attempt").value(i).into(),
                 duration_ms: f32c("duration_ms").value(i),
@@ -409,6 +447,11 @@ pub(crate) fn example_row(i: u64) -> ManifestRow {
         normal_height: 256,
         diffusion_steps: None,
         reweighting: None,
+        mask_placement: "off".into(),
+        foreground_coverage: None,
+        mask_attempts: None,
+        latent_mask_area: 12,
+        thin_defect: false,
         worker_id: "w1".into(),
         attempt: "0190-aa".into(),
         duration_ms: 3.5,

@@ -17,7 +17,7 @@ assert parts, "no manifest parts"
 table = pq.read_table(parts, filesystem=fs)
 assert table.num_rows == int(expected), (table.num_rows, expected)
 meta = pq.ParquetFile(parts[0], filesystem=fs).metadata.metadata
-assert meta[b"defectforge.manifest_version"] == b"2", meta
+assert meta[b"defectforge.manifest_version"] == b"3", meta
 con = duckdb.connect()
 con.register("m", table)
 dup = con.execute("select count(*) - count(distinct sample_id) from m").fetchone()[0]

@@ -534,6 +534,66 @@ pub async fn models_import(
     Ok(0)
 }
 
+/// `masks generate`: samples (or completes) a mask bank and reports the rejection rates.
+pub async fn masks_generate(
+    req: defectforge_worker::bank::BankRequest,
+    model_cache: std::path::PathBuf,
+    json: bool,
+    s3: &S3Config,
+) -> Result<i32> {
+    let s = &req.settings;
+    if s.steps == 0 || s.steps > 1000 || 1000 % s.steps != 0 {
+        bail!(
+            "--steps {}: must divide the 1000 diffusion steps (e.g. 10, 20, 25, 50, 100, 200)",
+            s.steps
+        );
+    }
+    if s.prompt != "random" && s.prompt.matches('*').count() != 1 {
+        bail!(
+            "--prompt {:?}: must contain the placeholder * exactly once (or be \"random\")",
+            s.prompt
+        );
+    }
+    if !(0.0..=1.0).contains(&s.eta) || s.max_attempts == 0 {
+        bail!("--eta must lie in [0, 1] and --max-attempts be at least 1");
+    }
+    let t0 = Instant::now();
+    let cache = defectforge_worker::models::ModelCache::new(model_cache, s3.clone());
+    let pb = bar(req.count * req.types.len() as u64, "masks");
+    let base = std::sync::Mutex::new(std::collections::BTreeMap::<String, u64>::new());
+    let progress = |t: &str, done: u64, _total: u64| {
+        let mut b = base.lock().expect("progress");
+        b.insert(t.to_string(), done);
+        pb.set_position(b.values().sum());
+    };
+    let provs = defectforge_worker::bank::generate(&req, &cache, s3, &progress)
+        .await
+        .context("mask bank generation failed (masks already written are kept; run again to complete the bank)")?;
+    pb.finish_and_clear();
+    for p in &provs {
+        let thin = p.masks.iter().filter(|m| m.thin).count();
+        eprintln!(
+            "{}+{}: {} masks, {} draws, rejection rate {:.1} % ({} border, {} empty, {} thin rejected), {} thin kept",
+            p.category,
+            p.defect_type,
+            p.masks.len(),
+            p.stats.drawn,
+            100.0 * p.rejection_rate,
+            p.stats.rejected_border,
+            p.stats.rejected_empty,
+            p.stats.rejected_thin,
+            thin
+        );
+    }
+    eprintln!("bank {} ready in {:.1} s", req.dest, t0.elapsed().as_secs_f64());
+    if json {
+        println!("{}", serde_json::to_string_pretty(&provs)?);
+    } else {
+        println!("{}", req.dest);
+    }
+    Ok(0)
+}
+
 /// `models show`: fetches and checks a model's manifest and prints it.
 pub async fn models_show(model: &str, s3: &S3Config) -> Result<i32> {
     let st = defectforge::store::open(model.trim_end_matches('/'), s3).await?;

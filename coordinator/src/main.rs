@@ -135,10 +135,74 @@ enum Cmd {
     },
     /// Write the procedural demo dataset (MVTec layout) into a directory
     DemoData { dir: PathBuf },
+    /// Learned defect masks: sample a mask bank for campaigns with mask = "bank"
+    Masks {
+        #[command(subcommand)]
+        cmd: MasksCmd,
+    },
     /// Import and inspect AnomalyDiffusion models
     Models {
         #[command(subcommand)]
         cmd: ModelsCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum MasksCmd {
+    /// Sample N accepted masks per defect type with the types' learned mask models (classifier-
+    /// free guidance, official post-processing) into <to>/<category>/<defect>/, with
+    /// provenance.json; running again completes a bank instead of starting over
+    Generate {
+        /// the model URI printed by `defectforge models import` (imported with --mask-embeddings)
+        #[arg(long, env = "DEFECTFORGE_MODEL")]
+        model: String,
+        /// defect types as <category>+<defect>, comma-separated
+        #[arg(long, env = "DEFECTFORGE_TYPES", value_delimiter = ',', required = true)]
+        types: Vec<String>,
+        /// masks per type
+        #[arg(long, env = "DEFECTFORGE_COUNT")]
+        count: u64,
+        /// the bank: a directory or s3://bucket/prefix
+        #[arg(long, env = "DEFECTFORGE_BANK")]
+        to: String,
+        /// bank seed (mask i of a type is drawn from a seed derived from it)
+        #[arg(long, env = "DEFECTFORGE_SEED", default_value_t = 0)]
+        seed: u64,
+        /// use this mask embedding for every type instead of <category>+<defect>
+        #[arg(long, env = "DEFECTFORGE_MASK_EMBEDDING")]
+        embedding: Option<String>,
+        /// DDIM steps (official: 100)
+        #[arg(long, env = "DEFECTFORGE_MASK_STEPS", default_value_t = 100)]
+        steps: u32,
+        /// DDIM eta (official: 1)
+        #[arg(long, env = "DEFECTFORGE_MASK_ETA", default_value_t = 1.0)]
+        eta: f32,
+        /// classifier-free guidance scale (official: 5)
+        #[arg(long, env = "DEFECTFORGE_MASK_GUIDANCE", default_value_t = 5.0)]
+        guidance: f32,
+        /// binarisation threshold on the decoded RGB mean in [-1, 1] (official: 0.8)
+        #[arg(long, env = "DEFECTFORGE_MASK_THRESHOLD", default_value_t = 0.8, allow_hyphen_values = true)]
+        threshold: f32,
+        /// draws per mask before giving up
+        #[arg(long, env = "DEFECTFORGE_MASK_MAX_ATTEMPTS", default_value_t = 16)]
+        max_attempts: u32,
+        /// masks per model call
+        #[arg(long, env = "DEFECTFORGE_MASK_BATCH", default_value_t = 8)]
+        batch: u32,
+        /// prompt with the placeholder *, or "random" for the official templates
+        #[arg(long, env = "DEFECTFORGE_MASK_PROMPT", default_value = "random")]
+        prompt: String,
+        /// also reject masks that vanish at the 32x32 latent grid
+        #[arg(long, env = "DEFECTFORGE_REJECT_THIN")]
+        reject_thin: bool,
+        /// local model cache
+        #[arg(long, env = "DEFECTFORGE_MODEL_CACHE", default_value_os_t = defectforge_worker::models::default_cache_dir())]
+        model_cache: PathBuf,
+        /// print the provenance as JSON
+        #[arg(long, env = "DEFECTFORGE_JSON")]
+        json: bool,
+        #[command(flatten)]
+        s3: S3Args,
     },
 }
 
@@ -264,6 +328,50 @@ async fn main() {
                 }
                 Err(e) => Err(e.into()),
             }
+        }
+        Cmd::Masks {
+            cmd:
+                MasksCmd::Generate {
+                    model,
+                    types,
+                    count,
+                    to,
+                    seed,
+                    embedding,
+                    steps,
+                    eta,
+                    guidance,
+                    threshold,
+                    max_attempts,
+                    batch,
+                    prompt,
+                    reject_thin,
+                    model_cache,
+                    json,
+                    s3,
+                },
+        } => {
+            let settings = defectforge::campaign::MaskModelSettings {
+                model: Some(model.clone()),
+                embedding,
+                steps,
+                eta,
+                guidance,
+                threshold,
+                max_attempts,
+                prompt,
+                batch,
+                reject_thin,
+            };
+            let req = defectforge_worker::bank::BankRequest {
+                model,
+                types,
+                count,
+                seed,
+                settings,
+                dest: to,
+            };
+            commands::masks_generate(req, model_cache, json, &s3.config()).await
         }
         Cmd::Models {
             cmd: ModelsCmd::Show { model, s3 },

@@ -320,6 +320,25 @@ struct Computed {
     version: String,
     info: generators::SampleInfo,
     micros: u64,
+    placement: MaskPlacement,
+    latent_area: u32,
+}
+
+/// What the mask source and the foreground constraint did for one sample.
+#[derive(Debug, Clone, Default)]
+struct MaskPlacement {
+    /// "off" or the placement outcome
+    action: String,
+    coverage: Option<f32>,
+    attempts: Option<u32>,
+}
+
+/// What a shard's masks need beyond the sample inputs: the loaded mask models of the types
+/// with generated masks, and the object masks named by `foreground_mask`.
+#[derive(Default)]
+struct MaskAux {
+    models: HashMap<u32, Arc<crate::models::LoadedModel>>,
+    foreground_files: HashMap<String, Bytes>,
 }
 
 pub struct Worker {
@@ -429,6 +448,68 @@ impl Worker {
             .expect("textures")
             .insert(dir.to_string(), l.clone());
         Ok(l)
+    }
+
+    /// Loads the mask models of the shard's types with generated masks (checking that each has
+    /// its type's mask embedding) and reads the object masks named by `foreground_mask`.
+    async fn prepare_masks(&self, msg: &ShardMessage) -> Result<MaskAux, ShardError> {
+        let mut aux = MaskAux::default();
+        let used: std::collections::BTreeSet<u32> =
+            msg.samples.iter().map(|s| s.type_idx).collect();
+        for &ti in &used {
+            let t = &msg.types[ti as usize];
+            let permanent = |cause: String| ShardError::Permanent {
+                sample: None,
+                input_uri: None,
+                cause: format!("{}/{}: {cause}", t.category, t.defect_type),
+            };
+            if t.mask_source == MaskSource::Generated {
+                let s = &t.settings.mask_model;
+                let uri = s.model.as_deref().ok_or_else(|| {
+                    permanent("mask = \"generated\" but the campaign names no mask_model.model".into())
+                })?;
+                let m = self.models.get(uri).await.map_err(|e| {
+                    if e.is_transient() {
+                        ShardError::Transient(format!("loading mask model {uri}: {e}"))
+                    } else {
+                        permanent(format!("mask model {uri}: {e}"))
+                    }
+                })?;
+                let name = generators::learned_masks::embedding_name(
+                    &t.category,
+                    &t.defect_type,
+                    s,
+                );
+                if !m.manifest.mask_types.contains(&name) {
+                    return Err(permanent(format!(
+                        "model {uri} has no mask model {name:?} (it has: {}); import it with `defectforge models import … --mask-embeddings {name}=<embeddings.pt>`, or pick another with mask_model.embedding",
+                        if m.manifest.mask_types.is_empty() {
+                            "none".to_string()
+                        } else {
+                            m.manifest.mask_types.join(", ")
+                        }
+                    )));
+                }
+                aux.models.insert(ti, m);
+            }
+            if let Some(f) = &t.settings.placement.mask_file {
+                if !aux.foreground_files.contains_key(f) {
+                    let b = self.read(f).await.map_err(|e| match from_store(e, true) {
+                        ShardError::Permanent { cause, .. } => ShardError::Permanent {
+                            sample: None,
+                            input_uri: Some(f.clone()),
+                            cause: format!(
+                                "{}: foreground_mask {f}: {cause}",
+                                t.category
+                            ),
+                        },
+                        e => e,
+                    })?;
+                    aux.foreground_files.insert(f.clone(), b);
+                }
+            }
+        }
+        Ok(aux)
     }
 
     async fn fetch_inputs(&self, msg: &ShardMessage) -> Result<Vec<Inputs>, ShardError> {
@@ -691,6 +772,7 @@ impl Worker {
                 GenError::Transient(c) => ShardError::Transient(c),
             })?;
         }
+        let aux = self.prepare_masks(msg).await?;
         self.counters
             .model_load_micros
             .store(self.models.load_micros(), Ordering::Relaxed);
@@ -700,7 +782,7 @@ impl Worker {
         let remaining = limit.saturating_sub(t0.elapsed());
         let gens = self.generators.clone();
         let m2 = msg.clone();
-        let job = tokio::task::spawn_blocking(move || compute(&m2, inputs, &gens));
+        let job = tokio::task::spawn_blocking(move || compute(&m2, inputs, &gens, &aux));
         let computed = match tokio::time::timeout(remaining, job).await {
             Err(_) => return Err(ShardError::TimedOut(msg.shard_time_limit_s)),
             Ok(Err(join)) => {
@@ -853,6 +935,11 @@ fn row(
         normal_height: c.normal_size.1,
         diffusion_steps: c.info.diffusion_steps,
         reweighting: c.info.reweighting.clone(),
+        mask_placement: c.placement.action.clone(),
+        foreground_coverage: c.placement.coverage,
+        mask_attempts: c.placement.attempts,
+        latent_mask_area: c.latent_area,
+        thin_defect: c.latent_area == 0,
         worker_id: worker_id.to_string(),
         attempt: attempt.to_string(),
         duration_ms: per_sample_ms,
@@ -875,18 +962,44 @@ fn compute(
     msg: &ShardMessage,
     inputs: Vec<Inputs>,
     gens: &BTreeMap<&'static str, Arc<dyn Generator>>,
+    aux: &MaskAux,
 ) -> Result<Vec<Computed>, ShardError> {
     let mut normals: Vec<RgbImage> = vec![];
     let mut masks_v: Vec<GrayImage> = vec![];
     let mut textures: Vec<Option<RgbImage>> = vec![];
     let mut normal_sizes: Vec<(u32, u32)> = vec![];
-    for (s, inp) in msg.samples.iter().zip(&inputs) {
+    let mut placements: Vec<MaskPlacement> = vec![];
+    let mut learned = learned_masks_of(msg, aux)?;
+    for (i, (s, inp)) in msg.samples.iter().zip(&inputs).enumerate() {
         let t = &msg.types[s.type_idx as usize];
         let normal = imaging::decode_rgb(&inp.normal, "normal image", &s.normal_uri)
             .map_err(|e| image_err(e, s, &s.normal_uri))?;
         let (w, h) = normal.dimensions();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(s.seed ^ 0x4d41_534b);
+        let mut attempts = None;
         let mask = match (t.mask_source, &inp.mask, &s.mask_uri) {
+            (MaskSource::Generated, _, _) => {
+                let lm = learned.remove(&i).expect("a learned mask per generated sample");
+                attempts = Some(lm.attempts);
+                imaging::resize_mask(&lm.mask, w, h)
+            }
+            (MaskSource::Bank, Some(b), Some(uri)) => {
+                // Bank masks are stored at the mask model's resolution: resized to the image.
+                let m = imaging::decode_mask(b, uri).map_err(|e| image_err(e, s, uri))?;
+                let m = if m.dimensions() == (w, h) {
+                    m
+                } else {
+                    imaging::resize_mask(&m, w, h)
+                };
+                if imaging::mask_stats(&m).area == 0 {
+                    return Err(image_err(
+                        ImageError::EmptyMask { uri: uri.clone() },
+                        s,
+                        uri,
+                    ));
+                }
+                m
+            }
             (MaskSource::Real | MaskSource::Folder, Some(b), Some(uri)) => {
                 let m = imaging::decode_mask(b, uri).map_err(|e| image_err(e, s, uri))?;
                 if m.dimensions() != (w, h) {
@@ -912,7 +1025,7 @@ fn compute(
                 }
                 m
             }
-            (MaskSource::Real | MaskSource::Folder, _, _) => {
+            (MaskSource::Real | MaskSource::Folder | MaskSource::Bank, _, _) => {
                 return Err(ShardError::Permanent {
                     sample: Some((s.sample_id.clone(), s.index)),
                     input_uri: None,
@@ -926,6 +1039,16 @@ fn compute(
             (MaskSource::Cutpaste, _, _) => masks::rect_mask(w, h, &t.settings.cutpaste, &mut rng),
             (MaskSource::Scar, _, _) => masks::scar_mask(w, h, &t.settings.cutpaste, &mut rng),
         };
+        let (mask, placement) = constrain(&normal, mask, &t.settings.placement, aux, &mut rng)
+            .map_err(|cause| ShardError::Permanent {
+                sample: Some((s.sample_id.clone(), s.index)),
+                input_uri: t.settings.placement.mask_file.clone(),
+                cause: format!("sample {} (#{}): {cause}", s.sample_id, s.index),
+            })?;
+        placements.push(MaskPlacement {
+            attempts,
+            ..placement
+        });
         let texture = match &inp.texture {
             Some((uri, b)) => {
                 Some(imaging::decode_rgb(b, "texture", uri).map_err(|e| image_err(e, s, uri))?)
@@ -1046,9 +1169,113 @@ fn compute(
             version: g.version().to_string(),
             info: g.describe(&t.settings),
             micros,
+            placement: placements[i].clone(),
+            latent_area: imaging::latent_mask_area(&masks_v[i]),
         });
     }
     Ok(out)
+}
+
+/// Samples the learned masks of every generated-mask sample of a shard, batched per type.
+fn learned_masks_of(
+    msg: &ShardMessage,
+    aux: &MaskAux,
+) -> Result<HashMap<usize, generators::learned_masks::LearnedMask>, ShardError> {
+    let mut by_type: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+    for (i, s) in msg.samples.iter().enumerate() {
+        if msg.types[s.type_idx as usize].mask_source == MaskSource::Generated {
+            by_type.entry(s.type_idx).or_default().push(i);
+        }
+    }
+    let mut out = HashMap::new();
+    for (ti, idx) in by_type {
+        let t = &msg.types[ti as usize];
+        let m = aux.models.get(&ti).ok_or_else(|| {
+            ShardError::Transient(format!("mask model of {}/{} not loaded", t.category, t.defect_type))
+        })?;
+        let name =
+            generators::learned_masks::embedding_name(&t.category, &t.defect_type, &t.settings.mask_model);
+        let seeds: Vec<u64> = idx
+            .iter()
+            .map(|&i| msg.samples[i].seed ^ 0x4c45_4152_4e4d_534b)
+            .collect();
+        let mut stats = generators::learned_masks::DrawStats::default();
+        let masks = generators::learned_masks::sample_accepted(
+            &m.model,
+            &name,
+            &seeds,
+            &t.settings.mask_model,
+            &mut stats,
+            &mut |_| {},
+        )
+        .map_err(|e| match e {
+            GenError::Input(c) => ShardError::Permanent {
+                sample: None,
+                input_uri: None,
+                cause: format!("{}/{}: {c}", t.category, t.defect_type),
+            },
+            GenError::Transient(c) => ShardError::Transient(c),
+        })?;
+        tracing::info!(
+            category = %t.category,
+            defect = %t.defect_type,
+            masks = masks.len(),
+            drawn = stats.drawn,
+            rejected_border = stats.rejected_border,
+            rejected_empty = stats.rejected_empty,
+            rejection_rate = stats.rejection_rate(),
+            "learned masks sampled"
+        );
+        out.extend(idx.into_iter().zip(masks));
+    }
+    Ok(out)
+}
+
+/// Applies the foreground constraint to a mask (see `defectforge::foreground`).
+fn constrain(
+    normal: &RgbImage,
+    mask: GrayImage,
+    p: &defectforge::campaign::PlacementSettings,
+    aux: &MaskAux,
+    rng: &mut rand_chacha::ChaCha8Rng,
+) -> Result<(GrayImage, MaskPlacement), String> {
+    use defectforge::foreground;
+    let (w, h) = normal.dimensions();
+    let fg = match (p.mode.as_str(), &p.mask_file) {
+        ("estimate", _) => {
+            foreground::estimate_foreground(normal, &foreground::ForegroundParams::default()).mask
+        }
+        ("file", Some(f)) => {
+            let b = aux
+                .foreground_files
+                .get(f)
+                .ok_or_else(|| format!("foreground_mask {f} was not read"))?;
+            let m = imaging::decode_mask(b, f).map_err(|e| e.to_string())?;
+            if m.dimensions() == (w, h) {
+                m
+            } else {
+                imaging::resize_mask(&m, w, h)
+            }
+        }
+        _ => {
+            return Ok((
+                mask,
+                MaskPlacement {
+                    action: "off".into(),
+                    ..Default::default()
+                },
+            ))
+        }
+    };
+    let placed = foreground::place_on_foreground(&mask, &fg, p.min_coverage, rng);
+    Ok((
+        placed.mask,
+        MaskPlacement {
+            action: placed.placement.as_str().to_string(),
+            coverage: Some(placed.coverage),
+            attempts: None,
+        },
+    ))
 }
 
 /// How a consume loop ended without error.

@@ -8,6 +8,7 @@
 pub mod anomalydiffusion;
 pub mod augment;
 pub mod cutpaste;
+pub mod learned_masks;
 pub mod masks;
 pub mod perlin;
 pub mod simple;

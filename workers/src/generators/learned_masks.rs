@@ -1,0 +1,229 @@
+//! Learned defect masks (`mask = "generated"` and `defectforge masks generate`): each defect
+//! type's mask model (the LDM base with the type's mask embedding) sampled with classifier-free
+//! guidance, binarised and checked with the official rule (engine `maskgen`), redrawn until a
+//! mask is accepted.
+//!
+//! A mask depends only on its seed: draw k of a mask uses the noise of `attempt_seed(seed, k)`,
+//! and the prompt (official templates, "random") is chosen from the seed, so a mask is the same
+//! whatever batch it is sampled in and a resumed bank continues where it stopped.
+
+use defectforge::campaign::MaskModelSettings;
+use defectforge_engine::ad_model::AnomalyModel;
+use defectforge_engine::maskgen::{MaskSamplerOptions, Rejection};
+use defectforge_engine::PerSampleNoise;
+use image::{GrayImage, Luma};
+
+use super::GenError;
+
+/// One accepted mask.
+#[derive(Debug, Clone)]
+pub struct LearnedMask {
+    /// 0/255 at the model's resolution (256×256).
+    pub mask: GrayImage,
+    /// Draws until this one was accepted (1 = the first).
+    pub attempts: u32,
+    /// The prompt it was sampled with.
+    pub prompt: String,
+}
+
+/// Draw counts, for the rejection rate.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct DrawStats {
+    pub drawn: u64,
+    pub rejected_border: u64,
+    pub rejected_empty: u64,
+    /// rejected because they vanish at the latent grid (`reject_thin`)
+    #[serde(default)]
+    pub rejected_thin: u64,
+}
+
+impl DrawStats {
+    pub fn rejected(&self) -> u64 {
+        self.rejected_border + self.rejected_empty + self.rejected_thin
+    }
+    /// Fraction of draws rejected (0 when nothing was drawn).
+    pub fn rejection_rate(&self) -> f64 {
+        if self.drawn == 0 {
+            0.0
+        } else {
+            self.rejected() as f64 / self.drawn as f64
+        }
+    }
+    pub fn add(&mut self, o: &DrawStats) {
+        self.drawn += o.drawn;
+        self.rejected_border += o.rejected_border;
+        self.rejected_empty += o.rejected_empty;
+        self.rejected_thin += o.rejected_thin;
+    }
+}
+
+/// The mask embedding a type uses: the configured one or `<category>+<defect>`.
+pub fn embedding_name(category: &str, defect: &str, s: &MaskModelSettings) -> String {
+    s.embedding
+        .clone()
+        .unwrap_or_else(|| format!("{category}+{defect}"))
+}
+
+/// The noise seed of draw `attempt` (0-based) of the mask with `seed`.
+pub fn attempt_seed(seed: u64, attempt: u32) -> u64 {
+    if attempt == 0 {
+        return seed;
+    }
+    // SplitMix64 finaliser over (seed, attempt): distinct, well-mixed streams per draw.
+    let mut z = seed ^ (attempt as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn options(s: &MaskModelSettings) -> MaskSamplerOptions {
+    MaskSamplerOptions {
+        steps: s.steps as usize,
+        eta: s.eta as f64,
+        guidance: s.guidance as f64,
+        threshold: s.threshold,
+    }
+}
+
+/// Samples one accepted mask per seed for embedding `name`, redrawing rejected masks up to
+/// `max_attempts` draws each; `progress` is told how many masks were accepted after each
+/// batch. Fails (as bad input: the same seeds fail again) when a mask exhausts its draws.
+pub fn sample_accepted(
+    model: &AnomalyModel,
+    name: &str,
+    seeds: &[u64],
+    s: &MaskModelSettings,
+    stats: &mut DrawStats,
+    progress: &mut dyn FnMut(usize),
+) -> Result<Vec<LearnedMask>, GenError> {
+    if !model.mask_embeddings.contains_key(name) {
+        return Err(GenError::Input(format!(
+            "the model has no mask model {name:?}; it has: {} (import one with `defectforge models import --mask-embeddings {name}=<train_mask.py embeddings.pt>`)",
+            if model.mask_embeddings.is_empty() {
+                "none".to_string()
+            } else {
+                model.mask_types().join(", ")
+            }
+        )));
+    }
+    let opts = options(s);
+    let mut out: Vec<Option<LearnedMask>> = vec![None; seeds.len()];
+    // (index, attempt) still to draw, in order.
+    let mut pending: Vec<(usize, u32)> = (0..seeds.len()).map(|i| (i, 0)).collect();
+    let mut rejects: Vec<DrawStats> = vec![DrawStats::default(); seeds.len()];
+    let batch = s.batch.max(1) as usize;
+    let mut done = 0usize;
+    while !pending.is_empty() {
+        let chunk: Vec<(usize, u32)> = pending.drain(..pending.len().min(batch)).collect();
+        let noise_seeds: Vec<u64> = chunk
+            .iter()
+            .map(|&(i, a)| attempt_seed(seeds[i], a))
+            .collect();
+        let prompts: Vec<String> = chunk
+            .iter()
+            .zip(&noise_seeds)
+            .map(|(_, &ns)| {
+                if s.prompt == "random" {
+                    model.random_prompt(ns)
+                } else {
+                    s.prompt.replace('*', &model.placeholder)
+                }
+            })
+            .collect();
+        let names = vec![name.to_string(); chunk.len()];
+        let mut noise = PerSampleNoise::new(&noise_seeds);
+        let sampled = model
+            .sample_masks(&prompts, &names, &opts, &mut noise)
+            .map_err(|e| match e {
+                defectforge_engine::EngineError::Invalid(m) => GenError::Input(m),
+                e => GenError::Transient(e.to_string()),
+            })?;
+        let (w, h) = (sampled.width as u32, sampled.height as u32);
+        for (k, &(i, a)) in chunk.iter().enumerate() {
+            stats.drawn += 1;
+            rejects[i].drawn += 1;
+            let px = &sampled.masks[k];
+            let mask = GrayImage::from_fn(w, h, |x, y| {
+                Luma([if px[(y * w + x) as usize] != 0 { 255 } else { 0 }])
+            });
+            let thin = s.reject_thin
+                && sampled.rejection[k].is_none()
+                && defectforge::imaging::latent_mask_area(&mask) == 0;
+            match (sampled.rejection[k], thin) {
+                (None, false) => {
+                    out[i] = Some(LearnedMask {
+                        mask,
+                        attempts: a + 1,
+                        prompt: prompts[k].clone(),
+                    });
+                    done += 1;
+                }
+                (r, _) => {
+                    match r {
+                        Some(Rejection::Border) => {
+                            stats.rejected_border += 1;
+                            rejects[i].rejected_border += 1;
+                        }
+                        Some(Rejection::Empty) => {
+                            stats.rejected_empty += 1;
+                            rejects[i].rejected_empty += 1;
+                        }
+                        None => {
+                            stats.rejected_thin += 1;
+                            rejects[i].rejected_thin += 1;
+                        }
+                    }
+                    if a + 1 >= s.max_attempts {
+                        let r = rejects[i];
+                        return Err(GenError::Input(format!(
+                            "mask model {name:?}: no acceptable mask in {} draws for seed {} ({} spilled over a border line, {} were empty, {} thin); the embedding may be undertrained or the threshold ({}) too high: check it with `defectforge masks generate`, or raise mask_model.max_attempts",
+                            r.drawn, seeds[i], r.rejected_border, r.rejected_empty, r.rejected_thin, s.threshold
+                        )));
+                    }
+                    pending.push((i, a + 1));
+                }
+            }
+        }
+        progress(done);
+    }
+    Ok(out
+        .into_iter()
+        .map(|m| m.expect("every mask accepted"))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attempt_seeds_are_distinct_and_start_at_the_seed() {
+        let s: Vec<u64> = (0..64).map(|a| attempt_seed(42, a)).collect();
+        assert_eq!(s[0], 42);
+        let mut u = s.clone();
+        u.sort();
+        u.dedup();
+        assert_eq!(u.len(), s.len());
+        assert_ne!(attempt_seed(43, 1), attempt_seed(42, 1));
+    }
+
+    #[test]
+    fn rejection_rate_counts_both_reasons() {
+        let mut a = DrawStats {
+            drawn: 10,
+            rejected_border: 2,
+            rejected_empty: 1,
+            rejected_thin: 0,
+        };
+        a.add(&DrawStats {
+            drawn: 10,
+            rejected_border: 0,
+            rejected_empty: 0,
+            rejected_thin: 1,
+        });
+        assert_eq!(a.rejected(), 4);
+        assert!((a.rejection_rate() - 0.2).abs() < 1e-12);
+        assert_eq!(DrawStats::default().rejection_rate(), 0.0);
+    }
+}
