@@ -28,9 +28,10 @@
 //!    becomes foreground, so dark spots, bores and printed labels on the object count as object);
 //!    of the 8-connected components only those with an area ≥ 10 % of the largest are kept.
 //! 5. **Is there a distinct object?** Not when η < `min_separation`, when `F` covers less than
-//!    0.5 % or more than 97 % of the image, or when `F` runs into the border frame about as much as
-//!    it covers the image (its share of the frame is ≥ 5 % and ≥ 75 % of its share of the whole
-//!    image: a stripe or grid texture continues across the edges, an object sits inside them).
+//!    0.5 % or more than 97 % of the image, or when the thresholded pixels (before the clean-up)
+//!    are about as dense in the border frame as in the whole image (their share of the frame is
+//!    ≥ 5 % and ≥ 75 % of their share of the image): a texture, even a bimodal one such as
+//!    stripes or a grid, continues across the edges, while an object sits inside them.
 //!    Then `distinct = false` and the returned mask is all 255: the whole image counts as
 //!    foreground (textures, uniform parts), so placement never intervenes.
 //!
@@ -49,13 +50,15 @@
 use image::{GrayImage, Luma, RgbImage};
 use rand::Rng;
 
-/// Share of the border frame `F` may cover before it is suspected of being a texture (step 5).
-/// An object whose tip touches an edge covers far less; a grid or stripe texture covers more.
+/// Share of the border frame the thresholded pixels may cover before the image is suspected of
+/// being a texture (step 5). An object whose tip touches an edge covers far less; a grid or
+/// stripe texture covers more.
 pub const TEXTURE_BORDER_FLOOR: f32 = 0.05;
 
-/// Ratio of `F`'s share of the border frame to its share of the whole image at or above which
-/// `F` is taken for a texture rather than an object (step 5). For a stationary texture the two
-/// shares are about equal (ratio ≈ 1); for an object inside the frame the frame share is small.
+/// Ratio of the thresholded pixels' share of the border frame to their share of the whole image
+/// at or above which they are taken for a texture rather than an object (step 5). For a
+/// stationary texture the two shares are about equal (ratio ≈ 1); for an object inside the frame
+/// the frame share is small.
 pub const TEXTURE_BORDER_RATIO: f32 = 0.75;
 
 /// Smallest share of the image an object may cover (step 5); below it `F` is noise.
@@ -184,6 +187,11 @@ pub fn estimate_foreground(img: &RgbImage, p: &ForegroundParams) -> Foreground {
     // 4. Threshold and clean up.
     let mut f: Vec<u8> = dist.iter().map(|&d| u8::from(bin(d) > k)).collect();
     drop(dist);
+    // Stationarity figures for step 5, taken before the clean-up reshapes the interior.
+    let raw_fraction = f.iter().map(|&v| v as u64).sum::<u64>() as f32 / n as f32;
+    let mut raw_on_frame = 0u64;
+    for_each_frame(wu, hu, b, |i| raw_on_frame += u64::from(f[i]));
+    let border_cover = raw_on_frame as f32 / frame_n as f32;
     let (ro, rc) = (p.open_radius as usize, p.close_radius as usize);
     if ro > 0 {
         f = morph(&f, wu, hu, ro, true);
@@ -199,10 +207,7 @@ pub fn estimate_foreground(img: &RgbImage, p: &ForegroundParams) -> Foreground {
     // 5. Decide whether this is a distinct object.
     let count = f.iter().filter(|&&v| v != 0).count();
     let fraction = count as f32 / n as f32;
-    let mut on_frame = 0u64;
-    for_each_frame(wu, hu, b, |i| on_frame += u64::from(f[i]));
-    let border_cover = on_frame as f32 / frame_n as f32;
-    let textured = border_cover >= TEXTURE_BORDER_FLOOR.max(TEXTURE_BORDER_RATIO * fraction);
+    let textured = border_cover >= TEXTURE_BORDER_FLOOR.max(TEXTURE_BORDER_RATIO * raw_fraction);
     let distinct = separation >= p.min_separation
         && (MIN_OBJECT_FRACTION..=MAX_OBJECT_FRACTION).contains(&fraction)
         && !textured;
@@ -830,6 +835,14 @@ mod tests {
         (img, truth_mask(256, 256, ELLIPSE))
     }
 
+    /// The figures of a [`Foreground`] without its mask (for assertion messages).
+    fn figs(f: &Foreground) -> String {
+        format!(
+            "distinct {} threshold {:.1} separation {:.3} fraction {:.4}",
+            f.distinct, f.threshold, f.separation, f.fraction
+        )
+    }
+
     fn count(m: &GrayImage) -> u64 {
         m.as_raw().iter().filter(|&&v| v != 0).count() as u64
     }
@@ -872,8 +885,8 @@ mod tests {
         let fg = estimate_foreground(&img, &ForegroundParams::default());
         eprintln!("estimate 256x256: {:?}", t.elapsed());
         let j = iou(&fg.mask, &truth);
-        assert!(fg.distinct, "{fg:?}");
-        assert!(j > 0.95, "IoU {j}, {fg:?}");
+        assert!(fg.distinct, "{}", figs(&fg));
+        assert!(j > 0.95, "IoU {j}, {}", figs(&fg));
         assert!(fg.separation > 0.8, "{}", fg.separation);
         assert!((fg.fraction - count(&truth) as f32 / 65536.0).abs() < 0.01);
         assert!(fg.mask.as_raw().iter().all(|&v| v == 0 || v == 255));
@@ -895,7 +908,7 @@ mod tests {
         });
         let fg = estimate_foreground(&img, &ForegroundParams::default());
         let j = iou(&fg.mask, &truth_mask(256, 256, e));
-        assert!(fg.distinct && j > 0.9, "IoU {j}, {fg:?}");
+        assert!(fg.distinct && j > 0.9, "IoU {j}, {}", figs(&fg));
     }
 
     #[test]
@@ -938,7 +951,8 @@ mod tests {
         cases.push(("flat", RgbImage::from_pixel(64, 48, Rgb([9, 9, 9]))));
         for (name, img) in cases {
             let fg = estimate_foreground(&img, &ForegroundParams::default());
-            assert!(!fg.distinct, "{name}: {fg:?}");
+            eprintln!("{name}: {}", figs(&fg));
+            assert!(!fg.distinct, "{name}: {}", figs(&fg));
             assert!(fg.mask.as_raw().iter().all(|&v| v == 255), "{name}");
             assert_eq!(fg.mask.dimensions(), img.dimensions());
         }
@@ -959,7 +973,7 @@ mod tests {
                 let big = i % 7 == 0;
                 let s = if big { 25.0..45.0 } else { 3.0..20.0 };
                 let (a, b) = (rng.gen_range(s.clone()), rng.gen_range(s));
-                let t = rng.gen_range(0.0..3.14f32);
+                let t = rng.gen_range(0.0..std::f32::consts::PI);
                 let rect = i % 3 == 0;
                 GrayImage::from_fn(256, 256, |x, y| {
                     let (xf, yf) = (x as f32, y as f32);
@@ -981,8 +995,8 @@ mod tests {
         let (_, truth) = object_image(7);
         let mut rng = ChaCha8Rng::seed_from_u64(99);
         let mut seen = std::collections::HashMap::new();
-        let t = std::time::Instant::now();
         let masks = random_masks(5, 80);
+        let t = std::time::Instant::now();
         for m in &masks {
             let p = place_on_foreground(m, &truth, 1.0, &mut rng);
             *seen.entry(p.placement.as_str()).or_insert(0) += 1;

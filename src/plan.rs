@@ -169,6 +169,7 @@ impl Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::campaign::MaskSource;
     use crate::dataset::{CategoryInputs, DefectInputs};
     use std::path::Path;
 

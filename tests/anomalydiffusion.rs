@@ -6,74 +6,17 @@
 mod common;
 
 use common::*;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-fn fixtures() -> Option<PathBuf> {
-    let p = std::env::var_os("DEFECTFORGE_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("../shared/fixtures"));
-    if p.join("tiny-ldm").is_dir() && p.join("anomalydiffusion-tiny").is_dir() {
-        Some(p)
-    } else {
-        assert!(
-            std::env::var_os("DEFECTFORGE_FIXTURES").is_none(),
-            "DEFECTFORGE_FIXTURES={} has no tiny-ldm / anomalydiffusion-tiny",
-            p.display()
-        );
-        eprintln!("no fixtures at {}; skipping", p.display());
-        None
-    }
-}
-
-/// bert-style vocab.txt from the fixture's word list (the id is the line number).
-fn write_vocab(fx: &Path, out: &Path) {
-    let cfg: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(fx.join("tiny-ldm/config.json")).unwrap()).unwrap();
-    let size = cfg["official_yaml_equivalent"]["model"]["params"]["cond_stage_config"]["params"]
-        ["vocab_size"]
-        .as_u64()
-        .unwrap() as usize;
-    let mut lines: Vec<String> = (0..size).map(|i| format!("[unused{i}]")).collect();
-    for (w, id) in cfg["fixture_vocabulary"].as_object().unwrap() {
-        lines[id.as_u64().unwrap() as usize] = w.clone();
-    }
-    std::fs::write(out, lines.join("\n") + "\n").unwrap();
-}
-
-fn import(sc: &Scenario, fx: &Path, to: &str) -> String {
-    let vocab = sc.dir.path().join("vocab.txt");
-    write_vocab(fx, &vocab);
-    let p = |r: &str| fx.join(r).to_string_lossy().into_owned();
-    sc.ok(&[
-        "models",
-        "import",
-        "--ldm-ckpt",
-        &p("tiny-ldm/model.ckpt"),
-        "--ldm-config",
-        &p("tiny-ldm/config.json"),
-        "--vocab",
-        vocab.to_str().unwrap(),
-        "--embeddings",
-        &p("anomalydiffusion-tiny/embeddings.pt"),
-        "--spatial-encoder",
-        &p("anomalydiffusion-tiny/spatial_encoder.pt"),
-        "--to",
-        to,
-    ])
-    .trim()
-    .to_string()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_campaign_generates_with_an_imported_anomalydiffusion_model() {
     let Some(fx) = fixtures() else { return };
     let sc = Scenario::new("ad-e2e");
     let models = sc.s3_uri("models");
-    let uri = import(&sc, &fx, &models);
+    let uri = import_fixture_model(&sc, &fx, &models, &[]);
     assert!(uri.starts_with(&format!("{models}/models/ad-")), "{uri}");
     // Content-hashed: importing the same files again names the same model.
-    assert_eq!(import(&sc, &fx, &models), uri);
+    assert_eq!(import_fixture_model(&sc, &fx, &models, &[]), uri);
     let shown: serde_json::Value = serde_json::from_str(&sc.ok(&["models", "show", &uri])).unwrap();
     let digest = shown["digest"].as_str().unwrap().to_string();
     assert_eq!(
@@ -263,7 +206,7 @@ async fn a_missing_model_or_embedding_is_dead_lettered_with_a_clear_cause() {
     let Some(fx) = fixtures() else { return };
     let sc = Scenario::new("ad-errors");
     let models = sc.s3_uri("models");
-    let uri = import(&sc, &fx, &models);
+    let uri = import_fixture_model(&sc, &fx, &models, &[]);
     let local = sc.dir.path().join("dataset");
     defectforge::demo::materialise(&local).unwrap();
     let output = sc.s3_uri("out");

@@ -416,3 +416,69 @@ pub fn kill_term(c: &mut Child) -> Option<i32> {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// The shared parity fixtures (DEFECTFORGE_FIXTURES, default ../shared/fixtures), or None
+/// (with a note) when they are absent and the variable is unset.
+pub fn fixtures() -> Option<PathBuf> {
+    let p = std::env::var_os("DEFECTFORGE_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("../shared/fixtures"));
+    if p.join("tiny-ldm").is_dir() && p.join("anomalydiffusion-tiny").is_dir() {
+        Some(p)
+    } else {
+        assert!(
+            std::env::var_os("DEFECTFORGE_FIXTURES").is_none(),
+            "DEFECTFORGE_FIXTURES={} has no tiny-ldm / anomalydiffusion-tiny",
+            p.display()
+        );
+        eprintln!("no fixtures at {}; skipping", p.display());
+        None
+    }
+}
+
+/// bert-style vocab.txt from the fixture's word list (the id is the line number).
+pub fn write_vocab(fx: &Path, out: &Path) {
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fx.join("tiny-ldm/config.json")).unwrap()).unwrap();
+    let size = cfg["official_yaml_equivalent"]["model"]["params"]["cond_stage_config"]["params"]
+        ["vocab_size"]
+        .as_u64()
+        .unwrap() as usize;
+    let mut lines: Vec<String> = (0..size).map(|i| format!("[unused{i}]")).collect();
+    for (w, id) in cfg["fixture_vocabulary"].as_object().unwrap() {
+        lines[id.as_u64().unwrap() as usize] = w.clone();
+    }
+    std::fs::write(out, lines.join("\n") + "\n").unwrap();
+}
+
+/// Imports the fixtures' tiny AnomalyDiffusion model with `defectforge models import` (plus
+/// `extra` arguments) into `to`; returns the model URI.
+pub fn import_fixture_model(sc: &Scenario, fx: &Path, to: &str, extra: &[&str]) -> String {
+    let vocab = sc.dir.path().join("vocab.txt");
+    write_vocab(fx, &vocab);
+    let p = |r: &str| fx.join(r).to_string_lossy().into_owned();
+    let (ckpt, cfg, emb, se) = (
+        p("tiny-ldm/model.ckpt"),
+        p("tiny-ldm/config.json"),
+        p("anomalydiffusion-tiny/embeddings.pt"),
+        p("anomalydiffusion-tiny/spatial_encoder.pt"),
+    );
+    let mut args = vec![
+        "models",
+        "import",
+        "--ldm-ckpt",
+        &ckpt,
+        "--ldm-config",
+        &cfg,
+        "--vocab",
+        vocab.to_str().unwrap(),
+        "--embeddings",
+        &emb,
+        "--spatial-encoder",
+        &se,
+        "--to",
+        to,
+    ];
+    args.extend_from_slice(extra);
+    sc.ok(&args).trim().to_string()
+}

@@ -1,0 +1,391 @@
+//! Learned masks end to end: the fixtures' tiny model is imported with its mask embeddings,
+//! `defectforge masks generate` writes and then completes a mask bank in S3, and a campaign
+//! draws masks from that bank and samples new ones on the fly, through RabbitMQ and S3; the
+//! manifest says where each mask came from, what the foreground constraint did, and which
+//! masks are too thin for the latent grid.
+
+mod common;
+
+use common::*;
+
+fn provenance(bytes: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(bytes).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_campaign_uses_banked_and_generated_masks() {
+    let Some(fx) = fixtures() else { return };
+    let sc = Scenario::new("masks-e2e");
+    let models = sc.s3_uri("models");
+    let mask_pt = fx.join("anomalydiffusion-tiny/mask_embeddings.pt");
+    let uri = import_fixture_model(
+        &sc,
+        &fx,
+        &models,
+        &[
+            "--mask-embeddings",
+            &format!("bottle+broken_large={}", mask_pt.display()),
+            "--mask-embeddings",
+            &format!("wood+scratch={}", mask_pt.display()),
+        ],
+    );
+    let shown: serde_json::Value = serde_json::from_str(&sc.ok(&["models", "show", &uri])).unwrap();
+    assert_eq!(
+        shown["mask_types"],
+        serde_json::json!(["bottle+broken_large", "wood+scratch"])
+    );
+    assert_eq!(shown["mask_embedding_shape"], serde_json::json!([16, 32]));
+    assert!(shown["files"]["mask_embeddings.safetensors"]["sha256"].is_string());
+
+    // A bank of 3 masks, then completed to 4: the first 3 are kept as they are.
+    let bank = sc.s3_uri("bank");
+    let cache = sc.dir.path().join("model-cache");
+    let gen = |count: &str| {
+        sc.ok(&[
+            "masks",
+            "generate",
+            "--model",
+            &uri,
+            "--types",
+            "bottle+broken_large",
+            "--count",
+            count,
+            "--steps",
+            "10",
+            "--seed",
+            "11",
+            "--to",
+            &bank,
+            "--model-cache",
+            cache.to_str().unwrap(),
+        ])
+    };
+    gen("3");
+    let st_bank = sc.store(&bank).await;
+    let p3 = provenance(
+        &st_bank
+            .get("bottle/broken_large/provenance.json")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(p3["masks"].as_array().unwrap().len(), 3);
+    gen("4");
+    let p4 = provenance(
+        &st_bank
+            .get("bottle/broken_large/provenance.json")
+            .await
+            .unwrap(),
+    );
+    let masks = p4["masks"].as_array().unwrap();
+    assert_eq!(masks.len(), 4);
+    assert_eq!(&masks[..3], &p3["masks"].as_array().unwrap()[..]);
+    assert_eq!(p4["model_digest"], shown["digest"]);
+    assert_eq!(p4["settings"]["guidance"], serde_json::json!(5.0));
+    let drawn = p4["stats"]["drawn"].as_u64().unwrap();
+    assert!(drawn >= 4);
+    let rejected = p4["stats"]["rejected_border"].as_u64().unwrap()
+        + p4["stats"]["rejected_empty"].as_u64().unwrap();
+    assert!(
+        (p4["rejection_rate"].as_f64().unwrap() - rejected as f64 / drawn as f64).abs() < 1e-9
+    );
+    for m in masks {
+        let png = st_bank
+            .get(&format!("bottle/broken_large/{}", m["file"].as_str().unwrap()))
+            .await
+            .unwrap();
+        assert_eq!(
+            defectforge::ids::sha256_hex(&png),
+            m["sha256"].as_str().unwrap()
+        );
+        let img = image::load_from_memory(&png).unwrap().to_luma8();
+        assert_eq!(img.dimensions(), (256, 256));
+        assert!(img.pixels().all(|p| p.0[0] == 0 || p.0[0] == 255));
+        let area = img.pixels().filter(|p| p.0[0] > 0).count() as u64;
+        assert_eq!(area, m["area"].as_u64().unwrap());
+        assert!(area > 0);
+        // The official border rule held for every banked mask.
+        let line = |f: &dyn Fn(u32) -> (u32, u32)| {
+            (0..256).filter(|&i| img.get_pixel(f(i).0, f(i).1).0[0] > 0).count()
+        };
+        for l in [
+            line(&|i| (i, 0)),
+            line(&|i| (i, 255)),
+            line(&|i| (0, i)),
+            line(&|i| (255, i)),
+        ] {
+            assert!(l as f64 <= 256.0 / 3.0, "a border line holds {l} pixels");
+        }
+        assert_eq!(
+            m["thin"].as_bool().unwrap(),
+            m["latent_mask_area"].as_u64().unwrap() == 0
+        );
+    }
+
+    // A campaign: banked masks with a model-free generator, generated masks with the
+    // AnomalyDiffusion generator (object category: constrained to the bottle) and with Perlin
+    // on a texture (not constrained).
+    let local = sc.dir.path().join("dataset");
+    defectforge::demo::materialise(&local).unwrap();
+    let output = sc.s3_uri("out");
+    let camp = sc.write(
+        "masks.toml",
+        &format!(
+            r#"
+name = "learned masks e2e"
+seed = 9
+shard_size = 3
+shard_time_limit_s = 600
+output = "{output}"
+[dataset]
+source = "{data}"
+[categories.bottle.defects.broken_large]
+count = 3
+generator = "cutpaste"
+mask = "bank"
+mask_bank = "{bank}"
+[categories.bottle.defects.crack]
+count = 2
+generator = "anomalydiffusion"
+mask = "generated"
+[categories.bottle.defects.crack.anomalydiffusion]
+model = "{uri}"
+embedding = "bottle+broken_large"
+steps = 10
+[categories.bottle.defects.crack.mask_model]
+embedding = "bottle+broken_large"
+steps = 10
+[categories.wood.defects.scratch]
+count = 2
+generator = "perlin"
+mask = "generated"
+[categories.wood.defects.scratch.mask_model]
+model = "{uri}"
+steps = 10
+"#,
+            data = local.display()
+        ),
+    );
+    let cid = sc
+        .ok(&["submit", camp.to_str().unwrap()])
+        .trim()
+        .to_string();
+    let mut w = sc.worker(
+        "a",
+        &[
+            "--idle-exit-s",
+            "20",
+            "--model-cache",
+            cache.to_str().unwrap(),
+            "--http-addr",
+            "off",
+        ],
+    );
+    sc.ok(&[
+        "watch",
+        &cid,
+        "--output",
+        &output,
+        "--interval-s",
+        "0.5",
+        "--timeout-s",
+        "900",
+    ]);
+    kill_term(&mut w);
+    assert!(
+        sc.worker_log("a").contains("learned masks sampled"),
+        "{}",
+        sc.worker_log("a")
+    );
+    sc.ok(&["finalize", &cid, "--output", &output]);
+    let st = sc.store(&output).await;
+    let rows = manifest_rows(st.as_ref(), &cid).await;
+    assert_eq!(rows.len(), 7);
+    let root = format!("{}/", st.root_uri());
+    let bank_root = format!("{}/bottle/broken_large/", st_bank.root_uri());
+    for r in &rows {
+        let mask = image::load_from_memory(
+            &st.get(r.mask_uri.strip_prefix(&root).unwrap())
+                .await
+                .unwrap(),
+        )
+        .unwrap()
+        .to_luma8();
+        let area = mask.pixels().filter(|p| p.0[0] > 0).count() as u64;
+        assert_eq!(area, r.mask_area);
+        assert!(area > 0);
+        assert_eq!(
+            r.latent_mask_area,
+            defectforge::imaging::latent_mask_area(&mask)
+        );
+        assert_eq!(r.thin_defect, r.latent_mask_area == 0);
+        match (r.category.as_str(), r.defect_type.as_str()) {
+            ("bottle", "broken_large") => {
+                assert_eq!(r.mask_source, "bank");
+                let src = r.source_mask_uri.as_deref().unwrap();
+                assert!(src.starts_with(&bank_root), "{src}");
+                assert_eq!(r.mask_attempts, None);
+            }
+            ("bottle", "crack") => {
+                assert_eq!(r.mask_source, "generated");
+                assert_eq!(r.generator, "anomalydiffusion");
+                assert!(r.mask_attempts.unwrap() >= 1);
+                assert_eq!(r.source_mask_uri, None);
+            }
+            ("wood", "scratch") => {
+                assert_eq!(r.mask_source, "generated");
+                assert!(r.mask_attempts.unwrap() >= 1);
+            }
+            other => panic!("unexpected type {other:?}"),
+        }
+        if r.category == "bottle" {
+            // Learned masks on an object category are kept on the object: the demo bottle is
+            // a disk of radius 92 around the centre (±3 px) on a dark background.
+            assert_ne!(r.mask_placement, "off", "{r:?}");
+            let cov = r.foreground_coverage.unwrap();
+            if r.mask_placement != "unplaceable" {
+                assert!(cov >= 0.98, "{r:?}");
+                let on_disk = mask
+                    .enumerate_pixels()
+                    .filter(|(x, y, p)| {
+                        let (dx, dy) = (*x as f32 - 128.0, *y as f32 - 128.0);
+                        p.0[0] > 0 && (dx * dx + dy * dy).sqrt() < 96.0
+                    })
+                    .count() as f64;
+                assert!(
+                    on_disk / area as f64 >= 0.98,
+                    "{}: {:.3} of the mask on the bottle",
+                    r.sample_id,
+                    on_disk / area as f64
+                );
+            }
+        } else {
+            // Textures have no background: the constraint stays off by default.
+            assert_eq!(r.mask_placement, "off");
+            assert_eq!(r.foreground_coverage, None);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn learned_mask_errors_name_the_missing_piece() {
+    let Some(fx) = fixtures() else { return };
+    let sc = Scenario::new("masks-err");
+    let models = sc.s3_uri("models");
+    // A model without mask embeddings cannot fill a bank.
+    let uri = import_fixture_model(&sc, &fx, &models, &[]);
+    let cache = sc.dir.path().join("model-cache");
+    let bank = sc.s3_uri("bank");
+    let out = sc.cli(&[
+        "masks",
+        "generate",
+        "--model",
+        &uri,
+        "--types",
+        "bottle+broken_large",
+        "--count",
+        "2",
+        "--to",
+        &bank,
+        "--model-cache",
+        cache.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no mask model \"bottle+broken_large\"") && err.contains("--mask-embeddings"),
+        "{err}"
+    );
+    // A mask embedding given without a <category>+<defect> name is refused at import.
+    let out = sc.cli(&[
+        "models",
+        "import",
+        "--ldm-ckpt",
+        "x",
+        "--ldm-config",
+        "x",
+        "--vocab",
+        "x",
+        "--embeddings",
+        "x",
+        "--spatial-encoder",
+        "x",
+        "--to",
+        &models,
+        "--mask-embeddings",
+        "broken=x.pt",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("<category>+<defect>"));
+
+    // A campaign drawing from a bank that lacks the type is refused before anything is queued,
+    // with the command that fills the bank.
+    let local = sc.dir.path().join("dataset");
+    defectforge::demo::materialise(&local).unwrap();
+    let camp = sc.write(
+        "bank.toml",
+        &format!(
+            r#"
+name = "empty bank"
+seed = 1
+output = "{out}"
+[dataset]
+source = "{data}"
+[categories.bottle.defects.broken_large]
+count = 2
+generator = "perlin"
+mask = "bank"
+mask_bank = "{bank}"
+"#,
+            out = sc.s3_uri("out"),
+            data = local.display()
+        ),
+    );
+    let out = sc.cli(&["plan", camp.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("mask_bank") && err.contains("defectforge masks generate"),
+        "{err}"
+    );
+
+    // Masks that can never pass the border rule (threshold -1: every pixel set) exhaust their
+    // draws with a message that says why.
+    let uri2 = import_fixture_model(
+        &sc,
+        &fx,
+        &models,
+        &[
+            "--mask-embeddings",
+            &format!(
+                "bottle+broken_large={}",
+                fx.join("anomalydiffusion-tiny/mask_embeddings.pt").display()
+            ),
+        ],
+    );
+    let out = sc.cli(&[
+        "masks",
+        "generate",
+        "--model",
+        &uri2,
+        "--types",
+        "bottle+broken_large",
+        "--count",
+        "1",
+        "--steps",
+        "10",
+        "--threshold",
+        "-1",
+        "--max-attempts",
+        "2",
+        "--to",
+        &bank,
+        "--model-cache",
+        cache.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no acceptable mask in 2 draws") && err.contains("2 spilled over a border line"),
+        "{err}"
+    );
+}
