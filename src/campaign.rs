@@ -1357,6 +1357,125 @@ scar_width = [2, 8]
     }
 
     #[test]
+    fn learned_mask_sources_and_the_foreground_constraint_resolve() {
+        let text = r#"
+name = "x"
+seed = 1
+output = "/tmp/o"
+[dataset]
+source = "/tmp/d"
+[categories.screw.defects.gen]
+count = 1
+generator = "perlin"
+mask = "generated"
+[categories.screw.defects.gen.mask_model]
+model = "s3://b/models/ad-1"
+steps = 50
+reject_thin = true
+[categories.screw.defects.banked]
+count = 1
+mask = "bank"
+mask_bank = "s3://b/banks/v1/"
+[categories.screw.defects.blob]
+count = 1
+mask = "perlin"
+[categories.screw.defects.realm]
+count = 1
+mask = "real"
+[categories.wood.defects.gen]
+count = 1
+generator = "anomalydiffusion"
+mask = "generated"
+[categories.wood.defects.gen.anomalydiffusion]
+model = "s3://b/models/ad-2"
+[categories.pill]
+foreground = "estimate"
+foreground_min_coverage = 0.9
+[categories.pill.defects.blob]
+count = 1
+mask = "perlin"
+[categories.pill.defects.realm]
+count = 1
+mask = "real"
+[categories.tile]
+foreground_mask = "tile_roi.png"
+[categories.tile.defects.cut]
+count = 1
+mask = "cutpaste"
+"#;
+        let c = Campaign::parse(text, Path::new("/data"), "t").unwrap();
+        let d = |cat: &str, t: &str| &c.categories[cat].defects[t];
+        let g = d("screw", "gen");
+        assert_eq!(g.mask, MaskSource::Generated);
+        assert_eq!(g.settings.mask_model.model.as_deref(), Some("s3://b/models/ad-1"));
+        assert_eq!(g.settings.mask_model.steps, 50);
+        assert!(g.settings.mask_model.reject_thin);
+        assert_eq!(g.settings.mask_model.guidance, 5.0);
+        // Learned masks on an object category are constrained by default; other sources not.
+        assert_eq!(g.settings.placement.mode, "estimate");
+        let b = d("screw", "banked");
+        assert_eq!(b.mask, MaskSource::Bank);
+        assert_eq!(b.mask_dir.as_deref(), Some("s3://b/banks/v1/screw/banked"));
+        assert_eq!(b.settings.placement.mode, "estimate");
+        assert_eq!(d("screw", "blob").settings.placement.mode, "off");
+        assert_eq!(d("screw", "realm").settings.placement.mode, "off");
+        // A texture: off under auto; the mask model defaults to the anomaly model.
+        let w = d("wood", "gen");
+        assert_eq!(w.settings.placement.mode, "off");
+        assert_eq!(w.settings.mask_model.model.as_deref(), Some("s3://b/models/ad-2"));
+        // estimate: every synthetic source, never real masks; the coverage is carried.
+        assert_eq!(d("pill", "blob").settings.placement.mode, "estimate");
+        assert_eq!(d("pill", "blob").settings.placement.min_coverage, 0.9);
+        assert_eq!(d("pill", "realm").settings.placement.mode, "off");
+        assert_eq!(c.categories["pill"].foreground, "estimate");
+        // A fixed object mask, resolved against the campaign's folder.
+        let t = &d("tile", "cut").settings.placement;
+        assert_eq!(t.mode, "file");
+        assert_eq!(t.mask_file.as_deref(), Some("/data/tile_roi.png"));
+
+        let bad = r#"
+name = "x"
+seed = 1
+output = "/tmp/o"
+[dataset]
+source = "/tmp/d"
+[categories.a]
+foreground = "maybe"
+[categories.a.defects.b]
+count = 1
+mask = "bank"
+[categories.a.defects.c]
+count = 1
+mask = "generated"
+[categories.a.defects.d]
+count = 1
+mask = "perlin"
+mask_bank = "/banks"
+[categories.a.defects.d.mask_model]
+steps = 7
+prompt = "no placeholder"
+"#;
+        let err = Campaign::parse(bad, Path::new("/"), "t").unwrap_err();
+        let CampaignError::Invalid { problems, .. } = &err else {
+            panic!("{err}")
+        };
+        for want in [
+            "categories.a.foreground: unknown mode \"maybe\"",
+            "categories.a.defects.b.mask_bank: missing",
+            "categories.a.defects.c.mask_model.model: missing",
+            "categories.a.defects.d.mask_bank: only used with mask = \"bank\"",
+            "categories.a.defects.d.mask_model: only used with mask = \"generated\"",
+            "categories.a.defects.d.mask_model.steps: 7 does not divide",
+            "categories.a.defects.d.mask_model.prompt",
+        ] {
+            assert!(
+                problems.iter().any(|p| p.contains(want)),
+                "{want:?} not in {problems:#?}"
+            );
+        }
+    }
+
+    #[test]
     fn anomalydiffusion_settings_are_validated_and_defaulted() {
         let base = |extra: &str, cat: &str| {
             format!(

@@ -1124,7 +1124,7 @@ mod tests {
     }
 
     #[test]
-    fn large_image_timing() {
+    fn large_images_are_estimated_and_placed() {
         let e = (600.0, 450.0, 300.0, 200.0, 0.3);
         let img = RgbImage::from_fn(1024, 1024, |x, y| {
             let v = if in_ellipse(x as f32, y as f32, e) {
@@ -1134,9 +1134,7 @@ mod tests {
             };
             Rgb([v, v, v])
         });
-        let t = std::time::Instant::now();
         let fg = estimate_foreground(&img, &ForegroundParams::default());
-        let te = t.elapsed();
         assert!(fg.distinct && iou(&fg.mask, &truth_mask(1024, 1024, e)) > 0.98);
         let mut m = GrayImage::new(1024, 1024);
         for y in 10..90 {
@@ -1144,9 +1142,9 @@ mod tests {
                 m.put_pixel(x, y, Luma([255]));
             }
         }
-        let t = std::time::Instant::now();
         let p = place_on_foreground(&m, &fg.mask, 1.0, &mut ChaCha8Rng::seed_from_u64(0));
-        eprintln!("1024x1024: estimate {te:?}, place {:?}", t.elapsed());
         assert_eq!(p.placement, Placement::Moved);
+        assert!(p.mask.enumerate_pixels().all(|(x, y, v)| v.0[0] == 0
+            || fg.mask.get_pixel(x, y).0[0] > 0));
     }
 }
