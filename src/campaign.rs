@@ -878,7 +878,11 @@ fn parse_foreground(
 /// source; "estimate" likewise with the estimated object; "auto" constrains learned masks
 /// (generated, bank) on object categories only (textures have no background); "off" never.
 /// Real masks are never moved.
-fn resolve_placement(fg: &CategoryForeground, category: &str, mask: MaskSource) -> PlacementSettings {
+fn resolve_placement(
+    fg: &CategoryForeground,
+    category: &str,
+    mask: MaskSource,
+) -> PlacementSettings {
     let synthetic = mask != MaskSource::Real;
     let learned = matches!(mask, MaskSource::Generated | MaskSource::Bank);
     let mode = match (fg.mask_file.is_some(), fg.mode.as_str()) {
@@ -1407,7 +1411,10 @@ mask = "cutpaste"
         let d = |cat: &str, t: &str| &c.categories[cat].defects[t];
         let g = d("screw", "gen");
         assert_eq!(g.mask, MaskSource::Generated);
-        assert_eq!(g.settings.mask_model.model.as_deref(), Some("s3://b/models/ad-1"));
+        assert_eq!(
+            g.settings.mask_model.model.as_deref(),
+            Some("s3://b/models/ad-1")
+        );
         assert_eq!(g.settings.mask_model.steps, 50);
         assert!(g.settings.mask_model.reject_thin);
         assert_eq!(g.settings.mask_model.guidance, 5.0);
@@ -1422,7 +1429,10 @@ mask = "cutpaste"
         // A texture: off under auto; the mask model defaults to the anomaly model.
         let w = d("wood", "gen");
         assert_eq!(w.settings.placement.mode, "off");
-        assert_eq!(w.settings.mask_model.model.as_deref(), Some("s3://b/models/ad-2"));
+        assert_eq!(
+            w.settings.mask_model.model.as_deref(),
+            Some("s3://b/models/ad-2")
+        );
         // estimate: every synthetic source, never real masks; the coverage is carried.
         assert_eq!(d("pill", "blob").settings.placement.mode, "estimate");
         assert_eq!(d("pill", "blob").settings.placement.min_coverage, 0.9);

@@ -152,9 +152,8 @@ pub async fn resolve(c: &Campaign, s3: &S3Config) -> Result<DatasetInputs, Datas
                         }
                         Ok(m) => m,
                         Err(e) => {
-                            problems.push(format!(
-                                "{path}.mask_bank: cannot list {dir}: {e} ({fix})"
-                            ));
+                            problems
+                                .push(format!("{path}.mask_bank: cannot list {dir}: {e} ({fix})"));
                             vec![]
                         }
                     }

@@ -1144,7 +1144,9 @@ mod tests {
         }
         let p = place_on_foreground(&m, &fg.mask, 1.0, &mut ChaCha8Rng::seed_from_u64(0));
         assert_eq!(p.placement, Placement::Moved);
-        assert!(p.mask.enumerate_pixels().all(|(x, y, v)| v.0[0] == 0
-            || fg.mask.get_pixel(x, y).0[0] > 0));
+        assert!(p
+            .mask
+            .enumerate_pixels()
+            .all(|(x, y, v)| v.0[0] == 0 || fg.mask.get_pixel(x, y).0[0] > 0));
     }
 }

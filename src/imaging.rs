@@ -252,7 +252,11 @@ mod tests {
         assert_eq!(latent_mask_area(&square), 64);
         // Masks of other sizes are resized to 256 first: the square at 512 is the same.
         let big = GrayImage::from_fn(512, 512, |x, y| {
-            Luma([if (128..256).contains(&x) && (128..256).contains(&y) { 255 } else { 0 }])
+            Luma([if (128..256).contains(&x) && (128..256).contains(&y) {
+                255
+            } else {
+                0
+            }])
         });
         assert_eq!(latent_mask_area(&big), 64);
     }

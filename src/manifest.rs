@@ -3,8 +3,8 @@
 //! this schema; docs/manifest.md documents every column for data scientists.
 
 use arrow::array::{
-    Array, ArrayRef, BooleanArray, Float32Array, RecordBatch, StringArray, TimestampMicrosecondArray,
-    UInt32Array, UInt64Array,
+    Array, ArrayRef, BooleanArray, Float32Array, RecordBatch, StringArray,
+    TimestampMicrosecondArray, UInt32Array, UInt64Array,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use bytes::Bytes;
@@ -219,9 +219,17 @@ pub fn to_batch(rows: &[ManifestRow]) -> Result<RecordBatch, ManifestError> {
                 .map(|r| r.foreground_coverage)
                 .collect::<Float32Array>(),
         ),
-        Arc::new(rows.iter().map(|r| r.mask_attempts).collect::<UInt32Array>()),
+        Arc::new(
+            rows.iter()
+                .map(|r| r.mask_attempts)
+                .collect::<UInt32Array>(),
+        ),
         u32s(rows, |r| r.latent_mask_area),
-        Arc::new(rows.iter().map(|r| Some(r.thin_defect)).collect::<BooleanArray>()),
+        Arc::new(
+            rows.iter()
+                .map(|r| Some(r.thin_defect))
+                .collect::<BooleanArray>(),
+        ),
         s(rows, |r| &r.worker_id),
         s(rows, |r| &r.attempt),
         f32s(rows, |r| r.duration_ms),

@@ -85,12 +85,13 @@ async fn a_campaign_uses_banked_and_generated_masks() {
     assert!(drawn >= 4);
     let rejected = p4["stats"]["rejected_border"].as_u64().unwrap()
         + p4["stats"]["rejected_empty"].as_u64().unwrap();
-    assert!(
-        (p4["rejection_rate"].as_f64().unwrap() - rejected as f64 / drawn as f64).abs() < 1e-9
-    );
+    assert!((p4["rejection_rate"].as_f64().unwrap() - rejected as f64 / drawn as f64).abs() < 1e-9);
     for m in masks {
         let png = st_bank
-            .get(&format!("bottle/broken_large/{}", m["file"].as_str().unwrap()))
+            .get(&format!(
+                "bottle/broken_large/{}",
+                m["file"].as_str().unwrap()
+            ))
             .await
             .unwrap();
         assert_eq!(
@@ -105,7 +106,9 @@ async fn a_campaign_uses_banked_and_generated_masks() {
         assert!(area > 0);
         // The official border rule held for every banked mask.
         let line = |f: &dyn Fn(u32) -> (u32, u32)| {
-            (0..256).filter(|&i| img.get_pixel(f(i).0, f(i).1).0[0] > 0).count()
+            (0..256)
+                .filter(|&i| img.get_pixel(f(i).0, f(i).1).0[0] > 0)
+                .count()
         };
         for l in [
             line(&|i| (i, 0)),
@@ -358,7 +361,8 @@ mask_bank = "{bank}"
             "--mask-embeddings",
             &format!(
                 "bottle+broken_large={}",
-                fx.join("anomalydiffusion-tiny/mask_embeddings.pt").display()
+                fx.join("anomalydiffusion-tiny/mask_embeddings.pt")
+                    .display()
             ),
         ],
     );
@@ -385,7 +389,8 @@ mask_bank = "{bank}"
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("no acceptable mask in 2 draws") && err.contains("2 spilled over a border line"),
+        err.contains("no acceptable mask in 2 draws")
+            && err.contains("2 spilled over a border line"),
         "{err}"
     );
 }

@@ -585,7 +585,11 @@ pub async fn masks_generate(
             thin
         );
     }
-    eprintln!("bank {} ready in {:.1} s", req.dest, t0.elapsed().as_secs_f64());
+    eprintln!(
+        "bank {} ready in {:.1} s",
+        req.dest,
+        t0.elapsed().as_secs_f64()
+    );
     if json {
         println!("{}", serde_json::to_string_pretty(&provs)?);
     } else {

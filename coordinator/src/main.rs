@@ -157,7 +157,12 @@ enum MasksCmd {
         #[arg(long, env = "DEFECTFORGE_MODEL")]
         model: String,
         /// defect types as <category>+<defect>, comma-separated
-        #[arg(long, env = "DEFECTFORGE_TYPES", value_delimiter = ',', required = true)]
+        #[arg(
+            long,
+            env = "DEFECTFORGE_TYPES",
+            value_delimiter = ',',
+            required = true
+        )]
         types: Vec<String>,
         /// masks per type
         #[arg(long, env = "DEFECTFORGE_COUNT")]
@@ -181,7 +186,12 @@ enum MasksCmd {
         #[arg(long, env = "DEFECTFORGE_MASK_GUIDANCE", default_value_t = 5.0)]
         guidance: f32,
         /// binarisation threshold on the decoded RGB mean in [-1, 1] (official: 0.8)
-        #[arg(long, env = "DEFECTFORGE_MASK_THRESHOLD", default_value_t = 0.8, allow_hyphen_values = true)]
+        #[arg(
+            long,
+            env = "DEFECTFORGE_MASK_THRESHOLD",
+            default_value_t = 0.8,
+            allow_hyphen_values = true
+        )]
         threshold: f32,
         /// draws per mask before giving up
         #[arg(long, env = "DEFECTFORGE_MASK_MAX_ATTEMPTS", default_value_t = 16)]
@@ -233,7 +243,11 @@ enum ModelsCmd {
         /// a per-type mask model (train_mask.py's embeddings.pt) as <category>+<defect>=<file>,
         /// or a safetensors file whose embeddings are already named; repeat per type (the
         /// variable takes a comma-separated list)
-        #[arg(long = "mask-embeddings", env = "DEFECTFORGE_MASK_EMBEDDINGS", value_delimiter = ',')]
+        #[arg(
+            long = "mask-embeddings",
+            env = "DEFECTFORGE_MASK_EMBEDDINGS",
+            value_delimiter = ','
+        )]
         mask_embeddings: Vec<String>,
         /// where models live: a directory or s3://bucket/prefix (the model goes to <to>/models/<id>)
         #[arg(long, env = "DEFECTFORGE_MODELS")]

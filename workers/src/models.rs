@@ -201,11 +201,7 @@ fn read_mask_embeddings(
                 vec![(n.clone(), t)]
             }
             None => {
-                let bad: Vec<&String> = f
-                    .params
-                    .keys()
-                    .filter(|k| !k.contains('+'))
-                    .collect();
+                let bad: Vec<&String> = f.params.keys().filter(|k| !k.contains('+')).collect();
                 if !bad.is_empty() {
                     return Err(ModelError::Invalid(format!(
                         "{}: embedding {:?} is not named <category>+<defect>; give the file as <category>+<defect>={}",

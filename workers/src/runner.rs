@@ -466,7 +466,9 @@ impl Worker {
             if t.mask_source == MaskSource::Generated {
                 let s = &t.settings.mask_model;
                 let uri = s.model.as_deref().ok_or_else(|| {
-                    permanent("mask = \"generated\" but the campaign names no mask_model.model".into())
+                    permanent(
+                        "mask = \"generated\" but the campaign names no mask_model.model".into(),
+                    )
                 })?;
                 let m = self.models.get(uri).await.map_err(|e| {
                     if e.is_transient() {
@@ -475,11 +477,8 @@ impl Worker {
                         permanent(format!("mask model {uri}: {e}"))
                     }
                 })?;
-                let name = generators::learned_masks::embedding_name(
-                    &t.category,
-                    &t.defect_type,
-                    s,
-                );
+                let name =
+                    generators::learned_masks::embedding_name(&t.category, &t.defect_type, s);
                 if !m.manifest.mask_types.contains(&name) {
                     return Err(permanent(format!(
                         "model {uri} has no mask model {name:?} (it has: {}); import it with `defectforge models import … --mask-embeddings {name}=<embeddings.pt>`, or pick another with mask_model.embedding",
@@ -498,10 +497,7 @@ impl Worker {
                         ShardError::Permanent { cause, .. } => ShardError::Permanent {
                             sample: None,
                             input_uri: Some(f.clone()),
-                            cause: format!(
-                                "{}: foreground_mask {f}: {cause}",
-                                t.category
-                            ),
+                            cause: format!("{}: foreground_mask {f}: {cause}", t.category),
                         },
                         e => e,
                     })?;
@@ -979,7 +975,9 @@ fn compute(
         let mut attempts = None;
         let mask = match (t.mask_source, &inp.mask, &s.mask_uri) {
             (MaskSource::Generated, _, _) => {
-                let lm = learned.remove(&i).expect("a learned mask per generated sample");
+                let lm = learned
+                    .remove(&i)
+                    .expect("a learned mask per generated sample");
                 attempts = Some(lm.attempts);
                 imaging::resize_mask(&lm.mask, w, h)
             }
@@ -1191,10 +1189,16 @@ fn learned_masks_of(
     for (ti, idx) in by_type {
         let t = &msg.types[ti as usize];
         let m = aux.models.get(&ti).ok_or_else(|| {
-            ShardError::Transient(format!("mask model of {}/{} not loaded", t.category, t.defect_type))
+            ShardError::Transient(format!(
+                "mask model of {}/{} not loaded",
+                t.category, t.defect_type
+            ))
         })?;
-        let name =
-            generators::learned_masks::embedding_name(&t.category, &t.defect_type, &t.settings.mask_model);
+        let name = generators::learned_masks::embedding_name(
+            &t.category,
+            &t.defect_type,
+            &t.settings.mask_model,
+        );
         let seeds: Vec<u64> = idx
             .iter()
             .map(|&i| msg.samples[i].seed ^ 0x4c45_4152_4e4d_534b)

@@ -4,7 +4,11 @@
 //! splice, blended DDIM with re-weighting, VAE decode): seconds and peak RSS per sample at each
 //! step count. Results go to docs/benchmarks.md ("AnomalyDiffusion generation").
 //!
-//! `cargo bench -p defectforge-engine --bench ad_sample` (env: STEPS=50,200 BATCH=1 AAR=official)
+//! `MODE=masks` measures learned-mask sampling instead (a 16 × 1280 mask embedding, classifier-
+//! free guidance 5, decode and post-processing; no spatial encoder, no blending).
+//!
+//! `cargo bench -p defectforge-engine --bench ad_sample` (env: STEPS=50,200 BATCH=1 AAR=official
+//! MODE=generate|masks)
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -14,6 +18,7 @@ use defectforge_engine::ad_files::EmbeddingsFile;
 use defectforge_engine::ad_model::AnomalyModel;
 use defectforge_engine::anomaly::{AarMode, SamplerOptions};
 use defectforge_engine::ldm::{LdmConfig, LdmModel};
+use defectforge_engine::maskgen::MaskSamplerOptions;
 use defectforge_engine::noise::PerSampleNoise;
 use defectforge_engine::spatial::{BnMode, SpatialEncoder, SpatialEncoderConfig};
 use defectforge_engine::tokenizer::WordPieceTokenizer;
@@ -72,7 +77,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             (Tensor::randn(0f32, 0.3, (4, 1280), &Device::Cpu)?),
         )]),
     };
-    let model = AnomalyModel::assemble(ldm, spatial, emb, tok, dtype, &dev)?;
+    let mut model = AnomalyModel::assemble(ldm, spatial, emb, tok, dtype, &dev)?;
+    model.set_mask_embeddings(EmbeddingsFile {
+        placeholder_tokens: [("*".to_string(), 1008i64)].into(),
+        params: BTreeMap::from([(
+            "wood+color".to_string(),
+            (Tensor::randn(0f32, 0.3, (16, 1280), &Device::Cpu)?),
+        )]),
+    })?;
+    let mode = env_or("MODE", "generate");
     println!(
         "full-size AnomalyDiffusion: LDM txt2img-large + spatial encoder {:.1} M params, {dtype:?} on {dev:?}, threads {}, init {:.1} s, RSS {:.2} GiB",
         sw.consumed_param_count() as f64 / 1e6,
@@ -95,6 +108,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let prompts = vec!["a photo of a *".to_string(); batch];
     let names = vec!["wood+color".to_string(); batch];
     let seeds: Vec<u64> = (0..batch as u64).collect();
+    if mode == "masks" {
+        for s in steps {
+            let opts = MaskSamplerOptions {
+                steps: s,
+                ..Default::default()
+            };
+            let t = Instant::now();
+            let out =
+                model.sample_masks(&prompts, &names, &opts, &mut PerSampleNoise::new(&seeds))?;
+            dev.synchronize()?;
+            let secs = t.elapsed().as_secs_f64();
+            println!(
+                "candle masks {s} steps (CFG 5), batch {batch}: {secs:.1} s ({:.2} s/mask, {:.3} s/step); accepted {}/{batch}; peak RSS {:.2} GiB",
+                secs / batch as f64,
+                secs / s as f64,
+                out.accepted.iter().filter(|a| **a).count(),
+                peak_rss_gib()
+            );
+        }
+        return Ok(());
+    }
     for s in steps {
         let opts = SamplerOptions {
             steps: s,

@@ -16,9 +16,9 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::ad_files::{read_embeddings_safetensors, EmbeddingsFile};
 use crate::anomaly::{sample, splice, SamplerOptions};
-use crate::maskgen::{postprocess, sample_guided, MaskSamplerOptions, MaskSamples};
 use crate::error::{EngineError, Result};
 use crate::ldm::LdmModel;
+use crate::maskgen::{postprocess, sample_guided, MaskSamplerOptions, MaskSamples};
 use crate::noise::NoiseSource;
 use crate::spatial::{BnMode, SpatialEncoder, SpatialEncoderConfig};
 use crate::tokenizer::WordPieceTokenizer;
@@ -219,7 +219,8 @@ impl AnomalyModel {
                     EngineError::Invalid(format!(
                         "the model has no mask embedding {n:?}; it has mask models for: {}",
                         if self.mask_embeddings.is_empty() {
-                            "none (import them with `defectforge models import --mask-embeddings`)".to_string()
+                            "none (import them with `defectforge models import --mask-embeddings`)"
+                                .to_string()
                         } else {
                             self.mask_types().join(", ")
                         }

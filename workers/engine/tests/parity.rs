@@ -1262,10 +1262,16 @@ fn check_anomalydiffusion(dir: &Path) -> Result<Results, Box<dyn std::error::Err
         }
         let mg = &cfg["mask_generation"];
         let opts = MaskSamplerOptions {
-            steps: mg["ddim_steps"].as_u64().ok_or("no mask_generation.ddim_steps")? as usize,
+            steps: mg["ddim_steps"]
+                .as_u64()
+                .ok_or("no mask_generation.ddim_steps")? as usize,
             eta: mg["eta"].as_f64().ok_or("no mask_generation.eta")?,
-            guidance: mg["cfg_scale"].as_f64().ok_or("no mask_generation.cfg_scale")?,
-            threshold: mg["threshold"].as_f64().ok_or("no mask_generation.threshold")? as f32,
+            guidance: mg["cfg_scale"]
+                .as_f64()
+                .ok_or("no mask_generation.cfg_scale")?,
+            threshold: mg["threshold"]
+                .as_f64()
+                .ok_or("no mask_generation.threshold")? as f32,
         };
         // The official mask embeddings file (v1 EmbeddingManager, 16 vectors at '*').
         let me = read_embeddings_pt(&dir.join("mask_embeddings.pt"))?;
@@ -1287,7 +1293,10 @@ fn check_anomalydiffusion(dir: &Path) -> Result<Results, Box<dyn std::error::Err
         let empty = tok.encode("")?;
         let uc_ids = Tensor::from_vec(empty.repeat(b), (b, ids.dim(1)?), &dev)?;
         let uc = model.encode_text(&uc_ids)?;
-        put("context_uncond", compare(&uc, get("context_uncond")?, DEFAULT));
+        put(
+            "context_uncond",
+            compare(&uc, get("context_uncond")?, DEFAULT),
+        );
         let mut noise = ReplayNoise::from_stacked(get("noise")?)?;
         // Draw 0 is the official log's VAE posterior sample of the input batch, unused.
         let latent_shape = get("final_latent")?.shape().clone();

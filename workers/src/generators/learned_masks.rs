@@ -27,8 +27,7 @@ pub struct LearnedMask {
 }
 
 /// Draw counts, for the rejection rate.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DrawStats {
     pub drawn: u64,
     pub rejected_border: u64,
@@ -145,7 +144,11 @@ pub fn sample_accepted(
             rejects[i].drawn += 1;
             let px = &sampled.masks[k];
             let mask = GrayImage::from_fn(w, h, |x, y| {
-                Luma([if px[(y * w + x) as usize] != 0 { 255 } else { 0 }])
+                Luma([if px[(y * w + x) as usize] != 0 {
+                    255
+                } else {
+                    0
+                }])
             });
             let thin = s.reject_thin
                 && sampled.rejection[k].is_none()
