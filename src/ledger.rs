@@ -267,6 +267,9 @@ pub struct ManifestIndex {
     pub unused_attempts: u64,
     /// attempts rejected as invalid, with the reason
     pub rejected_attempts: Vec<(String, String)>,
+    /// what the mask sources and the foreground constraint did, over all rows
+    #[serde(default)]
+    pub masks: manifest::MaskSummary,
     pub finalized_at: DateTime<Utc>,
 }
 
@@ -484,6 +487,7 @@ pub async fn finalize(
         missing_shards: vec![],
         unused_attempts: 0,
         rejected_attempts: vec![],
+        masks: manifest::MaskSummary::default(),
         finalized_at: Utc::now(),
     };
     // Batches are encoded on a blocking thread in chunks of about one row group, so encoding
@@ -536,6 +540,7 @@ pub async fn finalize(
             Some((attempt, batches)) => {
                 index.chosen.insert(c.shard, attempt);
                 for b in batches {
+                    index.masks.add_batch(&b);
                     pending_rows += b.num_rows();
                     index.rows += b.num_rows() as u64;
                     pending.push(b);

@@ -82,6 +82,65 @@ pub struct ManifestRow {
     pub finished_at: DateTime<Utc>,
 }
 
+/// Per-campaign totals of the mask columns (recorded in `_manifest.json` by finalize).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct MaskSummary {
+    /// rows per `mask_placement` value
+    pub placement: std::collections::BTreeMap<String, u64>,
+    /// rows whose mask vanishes at the 32×32 latent grid
+    pub thin_defects: u64,
+    /// rows with an on-the-fly learned mask, and the draws they took
+    pub generated_masks: u64,
+    pub generated_draws: u64,
+}
+
+impl MaskSummary {
+    /// Adds a manifest batch (batches without the version-3 columns add nothing).
+    pub fn add_batch(&mut self, b: &RecordBatch) {
+        let get = |n: &str| b.column_by_name(n);
+        if let Some(a) =
+            get("mask_placement").and_then(|c| c.as_any().downcast_ref::<StringArray>())
+        {
+            for v in a.iter().flatten() {
+                *self.placement.entry(v.to_string()).or_default() += 1;
+            }
+        }
+        if let Some(a) = get("thin_defect").and_then(|c| c.as_any().downcast_ref::<BooleanArray>())
+        {
+            self.thin_defects += a.true_count() as u64;
+        }
+        if let Some(a) = get("mask_attempts").and_then(|c| c.as_any().downcast_ref::<UInt32Array>())
+        {
+            for v in a.iter().flatten() {
+                self.generated_masks += 1;
+                self.generated_draws += v as u64;
+            }
+        }
+    }
+
+    /// Rows whose mask the foreground constraint changed (moved, scaled, clipped) or could not
+    /// place, and rows it checked at all.
+    pub fn interventions(&self) -> (u64, u64) {
+        let checked: u64 = self
+            .placement
+            .iter()
+            .filter(|(k, _)| k.as_str() != "off")
+            .map(|(_, v)| v)
+            .sum();
+        let kept = self.placement.get("kept").copied().unwrap_or(0);
+        (checked - kept, checked)
+    }
+
+    /// Fraction of learned-mask draws rejected by the post-processing (on-the-fly masks).
+    pub fn rejection_rate(&self) -> f64 {
+        if self.generated_draws == 0 {
+            0.0
+        } else {
+            1.0 - self.generated_masks as f64 / self.generated_draws as f64
+        }
+    }
+}
+
 fn ts() -> DataType {
     DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
 }

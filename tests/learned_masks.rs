@@ -199,10 +199,45 @@ steps = 10
         "{}",
         sc.worker_log("a")
     );
-    sc.ok(&["finalize", &cid, "--output", &output]);
+    let fin = sc.cli(&["finalize", &cid, "--output", &output]);
+    assert!(fin.status.success());
+    let fin_err = String::from_utf8_lossy(&fin.stderr);
     let st = sc.store(&output).await;
     let rows = manifest_rows(st.as_ref(), &cid).await;
     assert_eq!(rows.len(), 7);
+    // finalize reports what the mask sources and the constraint did, and records it.
+    let idx: defectforge::ledger::ManifestIndex = serde_json::from_slice(
+        &st.get(&defectforge::layout::manifest_index(&cid))
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(idx.masks.generated_masks, 4);
+    assert_eq!(
+        idx.masks.generated_draws,
+        rows.iter()
+            .filter_map(|r| r.mask_attempts)
+            .map(u64::from)
+            .sum::<u64>()
+    );
+    for (k, n) in &idx.masks.placement {
+        assert_eq!(
+            *n,
+            rows.iter().filter(|r| &r.mask_placement == k).count() as u64
+        );
+    }
+    let (changed, checked) = idx.masks.interventions();
+    assert_eq!(checked, 5);
+    assert!(
+        fin_err.contains("learned masks sampled on the fly in"),
+        "{fin_err}"
+    );
+    assert!(
+        fin_err.contains(&format!(
+            "foreground constraint changed {changed} of 5 masks"
+        )),
+        "{fin_err}"
+    );
     let root = format!("{}/", st.root_uri());
     let bank_root = format!("{}/bottle/broken_large/", st_bank.root_uri());
     for r in &rows {

@@ -370,6 +370,33 @@ pub async fn finalize(c: &CampaignRef, verify: bool, s3: &S3Config) -> Result<i3
         idx.unused_attempts,
         idx.rejected_attempts.len()
     );
+    let m = &idx.masks;
+    let (changed, checked) = m.interventions();
+    if checked > 0 {
+        eprintln!(
+            "{cid}: foreground constraint changed {changed} of {checked} masks ({})",
+            m.placement
+                .iter()
+                .filter(|(k, _)| k.as_str() != "off")
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    if m.generated_masks > 0 {
+        eprintln!(
+            "{cid}: {} learned masks sampled on the fly in {} draws (rejection rate {:.1} %)",
+            m.generated_masks,
+            m.generated_draws,
+            100.0 * m.rejection_rate()
+        );
+    }
+    if m.thin_defects > 0 {
+        eprintln!(
+            "{cid}: {} masks vanish at AnomalyDiffusion's 32x32 latent grid (thin_defect = true)",
+            m.thin_defects
+        );
+    }
     for p in &idx.parts {
         println!("{p}");
     }
