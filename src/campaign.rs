@@ -203,6 +203,16 @@ pub struct AnomalyDiffusionSettings {
     /// write outputs at the normal image's own resolution by compositing the generated masked
     /// region into the original (implies a background paste); otherwise outputs are 256×256
     pub full_resolution: bool,
+    /// masks thinner than the 32×32 latent grid: "keep" (official: the model samples the
+    /// bilinear latent mask, where they may vanish; flagged `thin_defect`) or "dilate" (the
+    /// model samples every latent cell the mask touches, and the normal image is pasted back
+    /// outside the mask)
+    #[serde(default = "default_thin_defects")]
+    pub thin_defects: String,
+}
+
+fn default_thin_defects() -> String {
+    "keep".into()
 }
 
 impl Default for AnomalyDiffusionSettings {
@@ -218,6 +228,7 @@ impl Default for AnomalyDiffusionSettings {
             background_paste: false,
             feather_px: 3.0,
             full_resolution: false,
+            thin_defects: default_thin_defects(),
         }
     }
 }
@@ -1097,6 +1108,7 @@ fn parse_anomalydiffusion(
                 "background_paste",
                 "feather_px",
                 "full_resolution",
+                "thin_defects",
             ],
         );
         if let Some(m) = w.str_opt(a, &ap, "model") {
@@ -1148,6 +1160,14 @@ fn parse_anomalydiffusion(
         }
         if let Some(b) = w.bool_opt(a, &ap, "full_resolution") {
             s.full_resolution = b;
+        }
+        if let Some(t) = w.str_opt(a, &ap, "thin_defects") {
+            if t != "keep" && t != "dilate" {
+                w.problems.push(format!(
+                    "{ap}.thin_defects: unknown mode {t:?} (expected \"keep\" or \"dilate\")"
+                ));
+            }
+            s.thin_defects = t;
         }
     }
     s.reweighting = match reweighting.as_deref() {
@@ -1457,6 +1477,8 @@ mask = "bank"
 [categories.a.defects.c]
 count = 1
 mask = "generated"
+[categories.a.defects.c.anomalydiffusion]
+thin_defects = "fatten"
 [categories.a.defects.d]
 count = 1
 mask = "perlin"
@@ -1473,6 +1495,7 @@ prompt = "no placeholder"
             "categories.a.foreground: unknown mode \"maybe\"",
             "categories.a.defects.b.mask_bank: missing",
             "categories.a.defects.c.mask_model.model: missing",
+            "categories.a.defects.c.anomalydiffusion.thin_defects: unknown mode \"fatten\"",
             "categories.a.defects.d.mask_bank: only used with mask = \"bank\"",
             "categories.a.defects.d.mask_model: only used with mask = \"generated\"",
             "categories.a.defects.d.mask_model.steps: 7 does not divide",

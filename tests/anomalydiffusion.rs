@@ -182,25 +182,6 @@ full_resolution = true
     }
 }
 
-/// Pixels more than `d` pixels (Chebyshev) away from every mask pixel.
-fn far_from_mask(mask: &image::GrayImage, d: i64) -> Vec<bool> {
-    let (w, h) = (mask.width() as i64, mask.height() as i64);
-    let on: Vec<(i64, i64)> = mask
-        .enumerate_pixels()
-        .filter(|(_, _, p)| p.0[0] > 0)
-        .map(|(x, y, _)| (x as i64, y as i64))
-        .collect();
-    let mut near = vec![false; (w * h) as usize];
-    for (x, y) in on {
-        for yy in (y - d).max(0)..=(y + d).min(h - 1) {
-            for xx in (x - d).max(0)..=(x + d).min(w - 1) {
-                near[(yy * w + xx) as usize] = true;
-            }
-        }
-    }
-    near.into_iter().map(|n| !n).collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_model_or_embedding_is_dead_lettered_with_a_clear_cause() {
     let Some(fx) = fixtures() else { return };

@@ -154,6 +154,8 @@ mask = "generated"
 model = "{uri}"
 embedding = "bottle+broken_large"
 steps = 10
+thin_defects = "dilate"
+feather_px = 1.0
 [categories.bottle.defects.crack.mask_model]
 embedding = "bottle+broken_large"
 steps = 10
@@ -268,6 +270,21 @@ steps = 10
                 assert_eq!(r.generator, "anomalydiffusion");
                 assert!(r.mask_attempts.unwrap() >= 1);
                 assert_eq!(r.source_mask_uri, None);
+                // thin_defects = "dilate" samples whole latent cells and pastes the normal
+                // image back: exact beyond the 1-px feather.
+                let img = image::load_from_memory(
+                    &st.get(r.image_uri.strip_prefix(&root).unwrap())
+                        .await
+                        .unwrap(),
+                )
+                .unwrap()
+                .to_rgb8();
+                let normal = image::open(&r.normal_uri).unwrap().to_rgb8();
+                let far = far_from_mask(&mask, 2);
+                for (i, (a, b)) in normal.pixels().zip(img.pixels()).enumerate() {
+                    assert!(!far[i] || a == b, "{}: pixel {i} changed", r.sample_id);
+                }
+                assert!(r.mean_abs_change_inside > 0.0);
             }
             ("wood", "scratch") => {
                 assert_eq!(r.mask_source, "generated");

@@ -375,9 +375,36 @@ impl AnomalyModel {
         bn: BnMode,
         noise: &mut dyn NoiseSource,
     ) -> Result<Tensor> {
+        self.generate_in_region(normal, masks, None, prompts, names, opts, bn, noise)
+    }
+
+    /// [`generate`](Self::generate) with a separate sampling region: the spatial encoder sees
+    /// `masks`, while the blended sampler's latent mask comes from `region` (same shape), e.g.
+    /// [`crate::anomaly::block_fill`] of the masks so that thin masks do not vanish at the
+    /// latent grid.
+    #[allow(clippy::too_many_arguments)]
+    pub fn generate_in_region(
+        &self,
+        normal: &Tensor,
+        masks: &Tensor,
+        region: Option<&Tensor>,
+        prompts: &[String],
+        names: &[String],
+        opts: &SamplerOptions,
+        bn: BnMode,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<Tensor> {
         let (ctx, positions) = self.context(prompts, names, masks, bn)?;
+        let region = region.unwrap_or(masks);
+        if region.dims() != masks.dims() {
+            return Err(EngineError::Invalid(format!(
+                "sampling region {:?} does not match the masks {:?}",
+                region.dims(),
+                masks.dims()
+            )));
+        }
         let out = sample(
-            &self.ldm, normal, masks, &ctx, &positions, opts, noise, false,
+            &self.ldm, normal, region, &ctx, &positions, opts, noise, false,
         )?;
         self.ldm.decode_first_stage(&out.latent)
     }

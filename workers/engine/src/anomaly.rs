@@ -407,6 +407,22 @@ pub fn splice(ids: &Tensor, embeds: &Tensor, placeholder: u32, inserts: &Tensor)
     })
 }
 
+/// Every `block`×`block` cell that any pixel of `mask` `[B, 1, H, W]` touches, filled (H and W
+/// multiples of `block`). With `block` = the VAE factor (8), the latent mask of the result
+/// holds exactly the latent cells the mask touches: no mask vanishes, however thin.
+pub fn block_fill(mask: &Tensor, block: usize) -> Result<Tensor> {
+    let (_, _, h, w) = mask.dims4()?;
+    if block == 0 || h % block != 0 || w % block != 0 {
+        return Err(EngineError::Invalid(format!(
+            "block_fill: {h}x{w} is not a multiple of {block}"
+        )));
+    }
+    let dtype = mask.dtype();
+    let m = mask.to_dtype(DType::F32)?;
+    let pooled = m.max_pool2d(block)?;
+    Ok(pooled.upsample_nearest2d(h, w)?.to_dtype(dtype)?)
+}
+
 /// Options of the blended sampler.
 #[derive(Debug, Clone)]
 pub struct SamplerOptions {
@@ -567,6 +583,40 @@ pub fn masks_from_u8(masks: &Tensor, device: &Device) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn block_fill_keeps_thin_masks_on_the_latent_grid() {
+        // A 1-px line at column 41 (off the sampled centre pixels 43/44) vanishes at 32x32;
+        // block-filled it covers column block 5 exactly.
+        let mut v = vec![0f32; 256 * 256];
+        for y in 0..256 {
+            v[y * 256 + 41] = 1.0;
+        }
+        let m = Tensor::from_vec(v, (1, 1, 256, 256), &Device::Cpu).unwrap();
+        let sum = |t: &Tensor| t.sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(sum(&latent_mask(&m, 32, 32).unwrap()), 0.0);
+        let f = block_fill(&m, 8).unwrap();
+        let lm = latent_mask(&f, 32, 32).unwrap();
+        assert_eq!(sum(&lm), 32.0);
+        let col: Vec<f32> = lm
+            .squeeze(0)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .get(7)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(col[5], 1.0);
+        assert_eq!(col.iter().sum::<f32>(), 1.0);
+        // The filled mask contains the original and stays within the touched blocks.
+        assert_eq!(sum(&f), 256.0 * 8.0);
+        assert!(block_fill(
+            &Tensor::zeros((1, 1, 20, 20), DType::F32, &Device::Cpu).unwrap(),
+            8
+        )
+        .is_err());
+    }
 
     #[test]
     fn bilinear_256_to_32_averages_the_centre_pair() {

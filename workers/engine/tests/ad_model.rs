@@ -217,3 +217,73 @@ fn wrong_requests_are_refused_by_name() {
         assert!(e.contains("placeholder"), "{e}");
     }
 }
+
+#[test]
+fn dilated_regions_paint_masks_thinner_than_the_latent_grid() {
+    for dir in fixture_dirs() {
+        let (model, cfg) = load(&dir);
+        let name = cfg["defect_types"][0].as_str().unwrap().to_string();
+        let (x, _) = inputs(1);
+        // A 2-px vertical line at columns 40-41: off the pixels the 32x32 latent mask samples.
+        let mut v = vec![0f32; 256 * 256];
+        for y in 64..192 {
+            v[y * 256 + 40] = 1.0;
+            v[y * 256 + 41] = 1.0;
+        }
+        let thin = Tensor::from_vec(v, (1, 1, 256, 256), &Device::Cpu).unwrap();
+        let opts = SamplerOptions {
+            steps: 5,
+            eta: 1.0,
+            aar: AarMode::Off,
+        };
+        let run = |region: Option<&Tensor>| {
+            model
+                .generate_in_region(
+                    &x,
+                    &thin,
+                    region,
+                    &["a photo of a *".to_string()],
+                    std::slice::from_ref(&name),
+                    &opts,
+                    BnMode::Eval,
+                    &mut PerSampleNoise::new(&[5]),
+                )
+                .unwrap()
+        };
+        let keep = run(None);
+        let region = defectforge_engine::anomaly::block_fill(&thin, 8).unwrap();
+        let dilated = run(Some(&region));
+        let diff: Vec<f32> = (dilated - &keep)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .mean(1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        // The dilated run generates inside the touched cells (columns 40..48, rows 64..192);
+        // the official one leaves the line to the background. Far from the cells both follow
+        // the normal image alike.
+        let mean = |f: &dyn Fn(usize, usize) -> bool| {
+            let (mut s, mut n) = (0f32, 0f32);
+            for y in 0..256 {
+                for x in 0..256 {
+                    if f(x, y) {
+                        s += diff[y * 256 + x];
+                        n += 1.0;
+                    }
+                }
+            }
+            s / n
+        };
+        let inside = mean(&|x, y| (40..48).contains(&x) && (64..192).contains(&y));
+        let far = mean(&|x, y| !(16..72).contains(&x) || !(40..216).contains(&y));
+        assert!(
+            inside > 5.0 * far && inside > 0.05,
+            "{}: change inside the cells {inside:.4}, far away {far:.4}",
+            dir.display()
+        );
+    }
+}

@@ -24,6 +24,8 @@ use crate::models::{LoadedModel, ModelCache};
 
 /// The model's working resolution.
 pub const WORKING_SIZE: u32 = 256;
+/// Pixels per latent cell (the KL VAE's downsampling factor).
+const LATENT_FACTOR: usize = 8;
 
 pub struct AnomalyDiffusionGenerator {
     models: Arc<ModelCache>,
@@ -307,9 +309,27 @@ impl Generator for AnomalyDiffusionGenerator {
                 aar,
             };
             let mut noise = PerSampleNoise::new(&seeds);
+            let dilate = s.thin_defects == "dilate";
+            let region = if dilate {
+                Some(
+                    defectforge_engine::anomaly::block_fill(&m, LATENT_FACTOR)
+                        .map_err(engine_err)?,
+                )
+            } else {
+                None
+            };
             let decoded = model
                 .model
-                .generate(&x, &m, &prompts, &names, &opts, bn, &mut noise)
+                .generate_in_region(
+                    &x,
+                    &m,
+                    region.as_ref(),
+                    &prompts,
+                    &names,
+                    &opts,
+                    bn,
+                    &mut noise,
+                )
                 .map_err(engine_err)?;
             let images = to_images(&decoded)?;
             for ((k, &i), img) in idx.iter().enumerate().zip(images) {
@@ -329,7 +349,9 @@ impl Generator for AnomalyDiffusionGenerator {
                         inp.mask,
                         s.feather_px * w.min(h) as f32 / size as f32,
                     )
-                } else if s.background_paste {
+                } else if s.background_paste || dilate {
+                    // dilate samples whole latent cells around the mask: paste the normal
+                    // image back outside it.
                     feathered_paste(&normals[k], &img, &masks[k], s.feather_px)
                 } else {
                     img
