@@ -73,7 +73,8 @@ pub struct ManifestRow {
     /// as AnomalyDiffusion computes it)
     pub latent_mask_area: u32,
     /// the mask vanishes at the 32×32 latent grid (latent_mask_area = 0): AnomalyDiffusion
-    /// cannot paint it (the official pipeline silently loses such defects)
+    /// cannot paint it (the official pipeline silently loses such defects) unless the type
+    /// samples dilated regions (`thin_defects = "dilate"`)
     pub thin_defect: bool,
     pub worker_id: String,
     pub attempt: String,
