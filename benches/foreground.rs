@@ -18,7 +18,11 @@ fn scene(side: u32, rng: &mut impl Rng) -> (RgbImage, GrayImage) {
     let img = RgbImage::from_fn(side, side, |x, y| {
         let d = ((x as f32 - c).powi(2) + (y as f32 - c).powi(2)).sqrt();
         let n: f32 = rng.gen_range(-12.0..12.0);
-        let v = if d < r { 80.0 + 20.0 * ((x / 7 + y / 5) % 2) as f32 } else { 205.0 } + n;
+        let v = if d < r {
+            80.0 + 20.0 * ((x / 7 + y / 5) % 2) as f32
+        } else {
+            205.0
+        } + n;
         Rgb([v as u8, v as u8, (v * 0.9) as u8])
     });
     let (mx, my, mr) = (c + r * 0.95, c, side as f32 * 0.08);

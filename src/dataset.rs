@@ -46,6 +46,52 @@ fn join_loc(base: &str, rel: &str) -> String {
     format!("{}/{}", base.trim_end_matches('/'), rel)
 }
 
+/// The masks of one type in a bank, from its `provenance.json` (written by `defectforge masks
+/// generate`): every listed file, in index order; stray images in the folder are not used.
+pub async fn bank_masks(dir: &str, s3: &S3Config) -> Result<Vec<String>, String> {
+    let prov = format!("{}/provenance.json", dir.trim_end_matches('/'));
+    let st = store::open(dir, s3)
+        .await
+        .map_err(|e| format!("cannot open {dir}: {e}"))?;
+    let b = match st.get("provenance.json").await {
+        Ok(b) => b,
+        // no provenance: no masks for this type yet (the caller names the fix)
+        Err(store::StoreError::NotFound { .. }) => return Ok(vec![]),
+        Err(e) => return Err(format!("cannot read {prov}: {e}")),
+    };
+    let v: serde_json::Value = serde_json::from_slice(&b)
+        .map_err(|e| format!("{prov} is not a bank provenance file: {e}"))?;
+    let files: Vec<String> = v
+        .get("masks")
+        .and_then(|m| m.as_array())
+        .ok_or_else(|| format!("{prov} lists no masks"))?
+        .iter()
+        .filter_map(|m| m.get("file").and_then(|f| f.as_str()))
+        .map(|f| f.to_string())
+        .collect();
+    let present: std::collections::HashSet<String> = list_images(dir, s3)
+        .await
+        .map_err(|e| format!("cannot list {dir}: {e}"))?
+        .into_iter()
+        .collect();
+    let mut out = Vec::with_capacity(files.len());
+    for f in files {
+        if f.contains('/') || !is_image(&f) {
+            return Err(format!(
+                "{prov} names {f:?}, which is not a mask file of the bank"
+            ));
+        }
+        let uri = join_loc(dir, &f);
+        if !present.contains(&uri) {
+            return Err(format!(
+                "{prov} lists {f} but the bank has no such file (run `defectforge masks generate` again to restore it)"
+            ));
+        }
+        out.push(uri);
+    }
+    Ok(out)
+}
+
 /// Reads one file (local path or s3:// URI).
 pub async fn read_file(uri: &str, s3: &S3Config) -> Result<bytes::Bytes, String> {
     let (dir, name) = uri
@@ -143,7 +189,7 @@ pub async fn resolve(c: &Campaign, s3: &S3Config) -> Result<DatasetInputs, Datas
                     let fix = format!(
                         "generate them with `defectforge masks generate --model <model> --types {cname}+{dname} --count <n> --to {bank}`"
                     );
-                    match list_images(&dir, s3).await {
+                    match bank_masks(&dir, s3).await {
                         Ok(m) if m.is_empty() => {
                             problems.push(format!(
                                 "{path}.mask_bank: the bank {bank} has no masks for {cname}+{dname}; {fix}"
@@ -152,8 +198,7 @@ pub async fn resolve(c: &Campaign, s3: &S3Config) -> Result<DatasetInputs, Datas
                         }
                         Ok(m) => m,
                         Err(e) => {
-                            problems
-                                .push(format!("{path}.mask_bank: cannot list {dir}: {e} ({fix})"));
+                            problems.push(format!("{path}.mask_bank: {e} ({fix})"));
                             vec![]
                         }
                     }
@@ -192,10 +237,55 @@ pub async fn resolve(c: &Campaign, s3: &S3Config) -> Result<DatasetInputs, Datas
             .values()
             .find_map(|d| d.settings.placement.mask_file.clone())
         {
-            if let Err(e) = read_file(&f, s3).await {
-                problems.push(format!(
-                    "categories.{cname}.foreground_mask: cannot read {f}: {e} (give a binary object mask image, or set foreground = \"estimate\")"
-                ));
+            let fix = "give a binary object mask image (white = object), or set foreground = \"estimate\"";
+            match read_file(&f, s3).await {
+                Err(e) => problems.push(format!(
+                    "categories.{cname}.foreground_mask: cannot read {f}: {e} ({fix})"
+                )),
+                Ok(b) => match crate::imaging::decode_mask(&b, &f) {
+                    Err(e) => problems.push(format!(
+                        "categories.{cname}.foreground_mask: {e} ({fix})"
+                    )),
+                    Ok(m) if crate::imaging::mask_stats(&m).area == 0 => problems.push(format!(
+                        "categories.{cname}.foreground_mask: {f} is empty: no pixel would count as the object ({fix})"
+                    )),
+                    Ok(_) => {}
+                },
+            }
+        }
+        // Learned masks sampled on the fly need the type's mask model in the model.
+        for (dname, d) in &cat.defects {
+            if d.mask != MaskSource::Generated {
+                continue;
+            }
+            let Some(model) = &d.settings.mask_model.model else {
+                continue; // reported by campaign validation
+            };
+            let name = d
+                .settings
+                .mask_model
+                .embedding
+                .clone()
+                .unwrap_or_else(|| format!("{cname}+{dname}"));
+            let path = format!("categories.{cname}.defects.{dname}.mask_model");
+            let uri = format!("{}/model.json", model.trim_end_matches('/'));
+            match read_file(&uri, s3).await {
+                Err(e) => problems.push(format!(
+                    "{path}.model: cannot read {uri}: {e} (name a model printed by `defectforge models import`)"
+                )),
+                Ok(b) => {
+                    let types: Vec<String> = serde_json::from_slice::<serde_json::Value>(&b)
+                        .ok()
+                        .and_then(|v| v.get("mask_types").cloned())
+                        .and_then(|v| serde_json::from_value(v).ok())
+                        .unwrap_or_default();
+                    if !types.contains(&name) {
+                        problems.push(format!(
+                            "{path}: the model {model} has no mask model {name:?} (it has: {}); import it with `defectforge models import … --mask-embeddings {name}=<train_mask.py embeddings.pt>` or pick one with mask_model.embedding",
+                            if types.is_empty() { "none".to_string() } else { types.join(", ") }
+                        ));
+                    }
+                }
             }
         }
         out.categories.insert(cname.clone(), ci);

@@ -6,7 +6,8 @@ use crate::campaign::{GeneratorSettings, MaskSource};
 use serde::{Deserialize, Serialize};
 
 /// The message format version this build writes and the newest it reads.
-pub const MESSAGE_VERSION: u32 = 1;
+/// Version 2: learned mask sources (`generated`, `bank`), mask-model and placement settings.
+pub const MESSAGE_VERSION: u32 = 2;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TypeSpec {
@@ -26,7 +27,7 @@ pub struct SampleSpec {
     pub type_idx: u32,
     /// the normal image to paint on (local path or s3:// URI)
     pub normal_uri: String,
-    /// the mask file, for mask sources `real` and `folder`
+    /// the mask file, for mask sources `real`, `folder` and `bank`
     pub mask_uri: Option<String>,
     pub seed: u64,
 }

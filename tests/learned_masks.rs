@@ -78,6 +78,18 @@ async fn a_campaign_uses_banked_and_generated_masks() {
     );
     let masks = p4["masks"].as_array().unwrap();
     assert_eq!(masks.len(), 4);
+    // A stray image in the bank's folder is not a bank mask: campaigns use the provenance.
+    let stray = image::GrayImage::from_pixel(256, 256, image::Luma([255]));
+    st_bank
+        .put(
+            "bottle/broken_large/zz_stray.png",
+            defectforge::imaging::encode_png_gray(&stray)
+                .unwrap()
+                .into(),
+            "image/png",
+        )
+        .await
+        .unwrap();
     assert_eq!(&masks[..3], &p3["masks"].as_array().unwrap()[..]);
     assert_eq!(p4["model_digest"], shown["digest"]);
     assert_eq!(p4["settings"]["guidance"], serde_json::json!(5.0));
@@ -263,6 +275,7 @@ steps = 10
                 assert_eq!(r.mask_source, "bank");
                 let src = r.source_mask_uri.as_deref().unwrap();
                 assert!(src.starts_with(&bank_root), "{src}");
+                assert!(!src.ends_with("zz_stray.png"), "{src}");
                 assert_eq!(r.mask_attempts, None);
             }
             ("bottle", "crack") => {
@@ -400,6 +413,36 @@ mask_bank = "{bank}"
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("mask_bank") && err.contains("defectforge masks generate"),
+        "{err}"
+    );
+
+    // Generated masks from a model without the type's mask model: refused at plan time.
+    let camp = sc.write(
+        "gen.toml",
+        &format!(
+            r#"
+name = "no mask model"
+seed = 1
+output = "{out}"
+[dataset]
+source = "{data}"
+[categories.bottle.defects.broken_large]
+count = 2
+generator = "perlin"
+mask = "generated"
+[categories.bottle.defects.broken_large.mask_model]
+model = "{uri}"
+"#,
+            out = sc.s3_uri("out"),
+            data = local.display()
+        ),
+    );
+    let out = sc.cli(&["plan", camp.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("has no mask model \"bottle+broken_large\"")
+            && err.contains("--mask-embeddings"),
         "{err}"
     );
 

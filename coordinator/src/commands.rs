@@ -584,6 +584,12 @@ pub async fn masks_generate(
     if !(0.0..=1.0).contains(&s.eta) || s.max_attempts == 0 {
         bail!("--eta must lie in [0, 1] and --max-attempts be at least 1");
     }
+    if !(-1.0..=1.0).contains(&s.threshold)
+        || !(0.0..=50.0).contains(&s.guidance)
+        || !(1..=256).contains(&s.batch)
+    {
+        bail!("--threshold must lie in [-1, 1], --guidance in [0, 50] and --batch in 1..=256");
+    }
     let t0 = Instant::now();
     let cache = defectforge_worker::models::ModelCache::new(model_cache, s3.clone());
     let pb = bar(req.count * req.types.len() as u64, "masks");
@@ -593,12 +599,30 @@ pub async fn masks_generate(
         b.insert(t.to_string(), done);
         pb.set_position(b.values().sum());
     };
-    let provs = defectforge_worker::bank::generate(&req, &cache, s3, &progress)
-        .await
-        .context("mask bank generation failed (masks already written are kept; run again to complete the bank)")?;
+    let provs = match defectforge_worker::bank::generate(&req, &cache, s3, &progress).await {
+        Ok(p) => p,
+        Err(e @ defectforge_worker::bank::BankError::Invalid(_)) => {
+            return Err(anyhow!(e).context("mask bank generation failed"))
+        }
+        Err(e) => {
+            return Err(anyhow!(e).context(
+                "mask bank generation failed (masks already written are kept; run again to complete the bank)",
+            ))
+        }
+    };
     pb.finish_and_clear();
     for p in &provs {
         let thin = p.masks.iter().filter(|m| m.thin).count();
+        let extra = p.masks.len() as u64 > req.count;
+        if extra {
+            eprintln!(
+                "{}+{}: the bank already holds {} masks, more than --count {}; campaigns use all of them",
+                p.category,
+                p.defect_type,
+                p.masks.len(),
+                req.count
+            );
+        }
         eprintln!(
             "{}+{}: {} masks, {} draws, rejection rate {:.1} % ({} border, {} empty, {} thin rejected), {} thin kept",
             p.category,

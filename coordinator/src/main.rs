@@ -154,24 +154,24 @@ enum MasksCmd {
     /// provenance.json; running again completes a bank instead of starting over
     Generate {
         /// the model URI printed by `defectforge models import` (imported with --mask-embeddings)
-        #[arg(long, env = "DEFECTFORGE_MODEL")]
+        #[arg(long, env = "DEFECTFORGE_MASK_MODEL")]
         model: String,
         /// defect types as <category>+<defect>, comma-separated
         #[arg(
             long,
-            env = "DEFECTFORGE_TYPES",
+            env = "DEFECTFORGE_MASK_TYPES",
             value_delimiter = ',',
             required = true
         )]
         types: Vec<String>,
         /// masks per type
-        #[arg(long, env = "DEFECTFORGE_COUNT")]
+        #[arg(long, env = "DEFECTFORGE_MASK_COUNT")]
         count: u64,
         /// the bank: a directory or s3://bucket/prefix
-        #[arg(long, env = "DEFECTFORGE_BANK")]
+        #[arg(long, env = "DEFECTFORGE_MASK_BANK")]
         to: String,
         /// bank seed (mask i of a type is drawn from a seed derived from it)
-        #[arg(long, env = "DEFECTFORGE_SEED", default_value_t = 0)]
+        #[arg(long, env = "DEFECTFORGE_MASK_SEED", default_value_t = 0)]
         seed: u64,
         /// use this mask embedding for every type instead of <category>+<defect>
         #[arg(long, env = "DEFECTFORGE_MASK_EMBEDDING")]
@@ -203,7 +203,7 @@ enum MasksCmd {
         #[arg(long, env = "DEFECTFORGE_MASK_PROMPT", default_value = "random")]
         prompt: String,
         /// also reject masks that vanish at the 32x32 latent grid
-        #[arg(long, env = "DEFECTFORGE_REJECT_THIN")]
+        #[arg(long, env = "DEFECTFORGE_MASK_REJECT_THIN")]
         reject_thin: bool,
         /// local model cache
         #[arg(long, env = "DEFECTFORGE_MODEL_CACHE", default_value_os_t = defectforge_worker::models::default_cache_dir())]

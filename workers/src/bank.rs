@@ -167,21 +167,41 @@ async fn generate_type(
         Ok(b) => {
             let p: TypeProvenance = serde_json::from_slice(&b).map_err(|e| {
                 BankError::Invalid(format!(
-                    "{}: not a bank provenance file ({e}); use another --to",
+                    "{}: not a bank provenance file ({e}); delete it and run again (masks are re-sampled identically from the bank seed), or use another --to",
                     root.uri(&format!("{prefix}{PROVENANCE}"))
                 ))
             })?;
+            if p.format > FORMAT {
+                return Err(BankError::Invalid(format!(
+                    "{}: bank format {} is newer than this build reads ({FORMAT}): upgrade defectforge",
+                    root.uri(&format!("{prefix}{PROVENANCE}")),
+                    p.format
+                )));
+            }
             let same = p.model_digest == model.manifest.digest
                 && p.embedding == embedding
                 && p.bank_seed == req.seed
                 && same_sampling(&p.settings, &req.settings);
             if !same {
+                let diff = if p.model_digest != model.manifest.digest {
+                    format!(
+                        "model digest {} (now {})",
+                        p.model_digest, model.manifest.digest
+                    )
+                } else if p.embedding != embedding {
+                    format!("embedding {} (now {embedding})", p.embedding)
+                } else if p.bank_seed != req.seed {
+                    format!("seed {} (now {})", p.bank_seed, req.seed)
+                } else {
+                    format!(
+                        "sampling settings {} (now {})",
+                        serde_json::to_string(&p.settings).expect("json"),
+                        serde_json::to_string(&req.settings).expect("json")
+                    )
+                };
                 return Err(BankError::Invalid(format!(
-                    "{} was generated with another model, embedding, seed or sampling settings (model {}, embedding {}, seed {}); complete it with the same ones or write to another --to",
-                    root.uri(&prefix),
-                    p.model,
-                    p.embedding,
-                    p.bank_seed
+                    "{} was generated with another {diff}; complete it with the same ones or write to another --to",
+                    root.uri(&prefix)
                 )));
             }
             p
@@ -222,9 +242,15 @@ async fn generate_type(
         })
         .await
         .map_err(|e| BankError::Sampling(format!("sampling thread failed: {e}")))?
-        .map_err(|e| match e {
-            GenError::Input(m) => BankError::Invalid(m),
-            GenError::Transient(m) => BankError::Sampling(m),
+        .map_err(|f| {
+            let which = f
+                .index
+                .map(|k| format!("{type_name} mask {}: ", chunk[k]))
+                .unwrap_or_default();
+            match f.error {
+                GenError::Input(m) => BankError::Invalid(format!("{which}{m}")),
+                GenError::Transient(m) => BankError::Sampling(format!("{which}{m}")),
+            }
         })?;
         for ((&index, &seed), lm) in chunk.iter().zip(&seeds).zip(masks) {
             let png = imaging::encode_png_gray(&lm.mask)
@@ -270,10 +296,12 @@ async fn generate_type(
     Ok(prov)
 }
 
-/// Whether two settings sample the same masks (the batch size does not change a mask).
+/// Whether two settings sample the same masks (the batch size and the draw limit do not change
+/// an accepted mask, so a bank stuck on a hard seed can be completed with more draws).
 fn same_sampling(a: &MaskModelSettings, b: &MaskModelSettings) -> bool {
     let norm = |s: &MaskModelSettings| MaskModelSettings {
         batch: 0,
+        max_attempts: 0,
         model: None,
         ..s.clone()
     };

@@ -1212,13 +1212,22 @@ fn learned_masks_of(
             &mut stats,
             &mut |_| {},
         )
-        .map_err(|e| match e {
-            GenError::Input(c) => ShardError::Permanent {
-                sample: None,
-                input_uri: None,
-                cause: format!("{}/{}: {c}", t.category, t.defect_type),
-            },
-            GenError::Transient(c) => ShardError::Transient(c),
+        .map_err(|f| {
+            let sample = f.index.map(|k| &msg.samples[idx[k]]);
+            match f.error {
+                GenError::Input(c) => ShardError::Permanent {
+                    sample: sample.map(|s| (s.sample_id.clone(), s.index)),
+                    input_uri: None,
+                    cause: match sample {
+                        Some(s) => format!(
+                            "sample {} (#{}, seed {}) of {}/{}: {c}",
+                            s.sample_id, s.index, s.seed, t.category, t.defect_type
+                        ),
+                        None => format!("{}/{}: {c}", t.category, t.defect_type),
+                    },
+                },
+                GenError::Transient(c) => ShardError::Transient(c),
+            }
         })?;
         tracing::info!(
             category = %t.category,
@@ -1227,6 +1236,7 @@ fn learned_masks_of(
             drawn = stats.drawn,
             rejected_border = stats.rejected_border,
             rejected_empty = stats.rejected_empty,
+            rejected_thin = stats.rejected_thin,
             rejection_rate = stats.rejection_rate(),
             "learned masks sampled"
         );

@@ -4,8 +4,9 @@
 //! mask is accepted.
 //!
 //! A mask depends only on its seed: draw k of a mask uses the noise of `attempt_seed(seed, k)`,
-//! and the prompt (official templates, "random") is chosen from the seed, so a mask is the same
-//! whatever batch it is sampled in and a resumed bank continues where it stopped.
+//! and the prompt (official templates, "random") is chosen from the seed, so a mask does not
+//! depend on the other masks of its batch (up to floating-point reduction order, which can flip
+//! pixels that sit on the threshold) and a resumed bank continues where it stopped.
 
 use defectforge::campaign::MaskModelSettings;
 use defectforge_engine::ad_model::AnomalyModel;
@@ -57,6 +58,19 @@ impl DrawStats {
     }
 }
 
+/// Why [`sample_accepted`] failed, and for which of its seeds (`None`: the whole call).
+#[derive(Debug)]
+pub struct DrawFailure {
+    pub index: Option<usize>,
+    pub error: GenError,
+}
+
+impl From<GenError> for DrawFailure {
+    fn from(error: GenError) -> Self {
+        Self { index: None, error }
+    }
+}
+
 /// The mask embedding a type uses: the configured one or `<category>+<defect>`.
 pub fn embedding_name(category: &str, defect: &str, s: &MaskModelSettings) -> String {
     s.embedding
@@ -87,7 +101,8 @@ fn options(s: &MaskModelSettings) -> MaskSamplerOptions {
 
 /// Samples one accepted mask per seed for embedding `name`, redrawing rejected masks up to
 /// `max_attempts` draws each; `progress` is told how many masks were accepted after each
-/// batch. Fails (as bad input: the same seeds fail again) when a mask exhausts its draws.
+/// batch. Fails (as bad input: the same seeds fail again) when a mask exhausts its draws,
+/// naming the index of its seed.
 pub fn sample_accepted(
     model: &AnomalyModel,
     name: &str,
@@ -95,16 +110,16 @@ pub fn sample_accepted(
     s: &MaskModelSettings,
     stats: &mut DrawStats,
     progress: &mut dyn FnMut(usize),
-) -> Result<Vec<LearnedMask>, GenError> {
+) -> Result<Vec<LearnedMask>, DrawFailure> {
     if !model.mask_embeddings.contains_key(name) {
-        return Err(GenError::Input(format!(
+        return Err(DrawFailure::from(GenError::Input(format!(
             "the model has no mask model {name:?}; it has: {} (import one with `defectforge models import --mask-embeddings {name}=<train_mask.py embeddings.pt>`)",
             if model.mask_embeddings.is_empty() {
                 "none".to_string()
             } else {
                 model.mask_types().join(", ")
             }
-        )));
+        ))));
     }
     let opts = options(s);
     let mut out: Vec<Option<LearnedMask>> = vec![None; seeds.len()];
@@ -179,10 +194,13 @@ pub fn sample_accepted(
                     }
                     if a + 1 >= s.max_attempts {
                         let r = rejects[i];
-                        return Err(GenError::Input(format!(
-                            "mask model {name:?}: no acceptable mask in {} draws for seed {} ({} spilled over a border line, {} were empty, {} thin); the embedding may be undertrained or the threshold ({}) too high: check it with `defectforge masks generate`, or raise mask_model.max_attempts",
+                        return Err(DrawFailure {
+                            index: Some(i),
+                            error: GenError::Input(format!(
+                            "mask model {name:?}: no acceptable mask in {} draws for seed {} ({} spilled over a border line, {} were empty, {} thin); the embedding may be undertrained or the threshold ({}) wrong for it: look at a few masks with `defectforge masks generate`, or raise the draw limit (mask_model.max_attempts in a campaign, --max-attempts for a bank)",
                             r.drawn, seeds[i], r.rejected_border, r.rejected_empty, r.rejected_thin, s.threshold
-                        )));
+                        )),
+                        });
                     }
                     pending.push((i, a + 1));
                 }
