@@ -85,33 +85,8 @@ full_resolution = true
             data = local.display()
         ),
     );
-    let cid = sc
-        .ok(&["submit", camp.to_str().unwrap()])
-        .trim()
-        .to_string();
     let cache = sc.dir.path().join("model-cache");
-    let mut w = sc.worker(
-        "a",
-        &[
-            "--idle-exit-s",
-            "20",
-            "--model-cache",
-            cache.to_str().unwrap(),
-            "--http-addr",
-            "off",
-        ],
-    );
-    sc.ok(&[
-        "watch",
-        &cid,
-        "--output",
-        &output,
-        "--interval-s",
-        "0.5",
-        "--timeout-s",
-        "600",
-    ]);
-    kill_term(&mut w);
+    let cid = sc.run_with_worker(&camp, &output, &cache, 600);
     assert!(
         sc.worker_log("a").contains("model loaded"),
         "{}",

@@ -182,32 +182,7 @@ steps = 10
             data = local.display()
         ),
     );
-    let cid = sc
-        .ok(&["submit", camp.to_str().unwrap()])
-        .trim()
-        .to_string();
-    let mut w = sc.worker(
-        "a",
-        &[
-            "--idle-exit-s",
-            "20",
-            "--model-cache",
-            cache.to_str().unwrap(),
-            "--http-addr",
-            "off",
-        ],
-    );
-    sc.ok(&[
-        "watch",
-        &cid,
-        "--output",
-        &output,
-        "--interval-s",
-        "0.5",
-        "--timeout-s",
-        "900",
-    ]);
-    kill_term(&mut w);
+    let cid = sc.run_with_worker(&camp, &output, &cache, 900);
     assert!(
         sc.worker_log("a").contains("learned masks sampled"),
         "{}",
@@ -343,7 +318,7 @@ async fn learned_mask_errors_name_the_missing_piece() {
     let uri = import_fixture_model(&sc, &fx, &models, &[]);
     let cache = sc.dir.path().join("model-cache");
     let bank = sc.s3_uri("bank");
-    let out = sc.cli(&[
+    let err = sc.fails(&[
         "masks",
         "generate",
         "--model",
@@ -357,33 +332,31 @@ async fn learned_mask_errors_name_the_missing_piece() {
         "--model-cache",
         cache.to_str().unwrap(),
     ]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("no mask model \"bottle+broken_large\"") && err.contains("--mask-embeddings"),
         "{err}"
     );
     // A mask embedding given without a <category>+<defect> name is refused at import.
-    let out = sc.cli(&[
-        "models",
-        "import",
-        "--ldm-ckpt",
-        "x",
-        "--ldm-config",
-        "x",
-        "--vocab",
-        "x",
-        "--embeddings",
-        "x",
-        "--spatial-encoder",
-        "x",
-        "--to",
-        &models,
-        "--mask-embeddings",
-        "broken=x.pt",
-    ]);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("<category>+<defect>"));
+    assert!(sc
+        .fails(&[
+            "models",
+            "import",
+            "--ldm-ckpt",
+            "x",
+            "--ldm-config",
+            "x",
+            "--vocab",
+            "x",
+            "--embeddings",
+            "x",
+            "--spatial-encoder",
+            "x",
+            "--to",
+            &models,
+            "--mask-embeddings",
+            "broken=x.pt",
+        ])
+        .contains("<category>+<defect>"));
 
     // A campaign drawing from a bank that lacks the type is refused before anything is queued,
     // with the command that fills the bank.
@@ -408,9 +381,7 @@ mask_bank = "{bank}"
             data = local.display()
         ),
     );
-    let out = sc.cli(&["plan", camp.to_str().unwrap()]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = sc.fails(&["plan", camp.to_str().unwrap()]);
     assert!(
         err.contains("mask_bank") && err.contains("defectforge masks generate"),
         "{err}"
@@ -437,9 +408,7 @@ model = "{uri}"
             data = local.display()
         ),
     );
-    let out = sc.cli(&["plan", camp.to_str().unwrap()]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = sc.fails(&["plan", camp.to_str().unwrap()]);
     assert!(
         err.contains("has no mask model \"bottle+broken_large\"")
             && err.contains("--mask-embeddings"),
@@ -461,7 +430,7 @@ model = "{uri}"
             ),
         ],
     );
-    let out = sc.cli(&[
+    let err = sc.fails(&[
         "masks",
         "generate",
         "--model",
@@ -481,8 +450,6 @@ model = "{uri}"
         "--model-cache",
         cache.to_str().unwrap(),
     ]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("no acceptable mask in 2 draws")
             && err.contains("2 spilled over a border line"),

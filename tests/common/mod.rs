@@ -137,6 +137,51 @@ impl Scenario {
         String::from_utf8(out.stdout).unwrap()
     }
 
+    /// Runs a CLI command that must fail; returns its stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(!out.status.success(), "defectforge {args:?} succeeded");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// Submits a campaign file, runs one worker (tag "a", model cache `cache`, no HTTP) until
+    /// `watch` sees the campaign done, stops the worker, and returns the campaign id.
+    pub fn run_with_worker(
+        &self,
+        camp: &Path,
+        output: &str,
+        cache: &Path,
+        timeout_s: u32,
+    ) -> String {
+        let cid = self
+            .ok(&["submit", camp.to_str().unwrap()])
+            .trim()
+            .to_string();
+        let mut w = self.worker(
+            "a",
+            &[
+                "--idle-exit-s",
+                "20",
+                "--model-cache",
+                cache.to_str().unwrap(),
+                "--http-addr",
+                "off",
+            ],
+        );
+        self.ok(&[
+            "watch",
+            &cid,
+            "--output",
+            output,
+            "--interval-s",
+            "0.5",
+            "--timeout-s",
+            &timeout_s.to_string(),
+        ]);
+        kill_term(&mut w);
+        cid
+    }
+
     /// Starts a worker process; its log goes to <dir>/worker-<tag>.log.
     pub fn worker(&self, tag: &str, extra: &[&str]) -> Child {
         let log = std::fs::File::create(self.dir.path().join(format!("worker-{tag}.log"))).unwrap();

@@ -21,7 +21,9 @@ use defectforge::{ids, imaging};
 use serde::{Deserialize, Serialize};
 use tracing::info;
 
-use crate::generators::learned_masks::{sample_accepted, DrawStats};
+use crate::generators::learned_masks::{
+    embedding_name, require_mask_model, sample_accepted, DrawStats,
+};
 use crate::generators::GenError;
 use crate::models::{LoadedModel, ModelCache, ModelError};
 
@@ -122,22 +124,8 @@ pub async fn generate(
     }
     let model = models.get(&req.model).await?;
     for (c, d) in &types {
-        let name = req
-            .settings
-            .embedding
-            .clone()
-            .unwrap_or_else(|| format!("{c}+{d}"));
-        if !model.manifest.mask_types.contains(&name) {
-            return Err(BankError::Invalid(format!(
-                "model {} has no mask model {name:?} (it has: {}); import it with `defectforge models import … --mask-embeddings {name}=<embeddings.pt>`",
-                req.model,
-                if model.manifest.mask_types.is_empty() {
-                    "none".to_string()
-                } else {
-                    model.manifest.mask_types.join(", ")
-                }
-            )));
-        }
+        let name = embedding_name(c, d, &req.settings);
+        require_mask_model(&model.manifest, &req.model, &name).map_err(BankError::Invalid)?;
     }
     let root = store::open(&req.dest, s3).await?;
     let mut out = vec![];
@@ -156,11 +144,7 @@ async fn generate_type(
     progress: &(dyn Fn(&str, u64, u64) + Sync),
 ) -> Result<TypeProvenance, BankError> {
     let type_name = format!("{category}+{defect}");
-    let embedding = req
-        .settings
-        .embedding
-        .clone()
-        .unwrap_or_else(|| type_name.clone());
+    let embedding = embedding_name(category, defect, &req.settings);
     let prefix = format!("{category}/{defect}/");
     let now = chrono::Utc::now().to_rfc3339();
     let mut prov = match root.get(&format!("{prefix}{PROVENANCE}")).await {

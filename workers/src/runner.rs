@@ -338,7 +338,8 @@ struct MaskPlacement {
 #[derive(Default)]
 struct MaskAux {
     models: HashMap<u32, Arc<crate::models::LoadedModel>>,
-    foreground_files: HashMap<String, Bytes>,
+    /// decoded once per shard
+    foreground_masks: HashMap<String, GrayImage>,
 }
 
 pub struct Worker {
@@ -479,29 +480,23 @@ impl Worker {
                 })?;
                 let name =
                     generators::learned_masks::embedding_name(&t.category, &t.defect_type, s);
-                if !m.manifest.mask_types.contains(&name) {
-                    return Err(permanent(format!(
-                        "model {uri} has no mask model {name:?} (it has: {}); import it with `defectforge models import … --mask-embeddings {name}=<embeddings.pt>`, or pick another with mask_model.embedding",
-                        if m.manifest.mask_types.is_empty() {
-                            "none".to_string()
-                        } else {
-                            m.manifest.mask_types.join(", ")
-                        }
-                    )));
-                }
+                generators::learned_masks::require_mask_model(&m.manifest, uri, &name)
+                    .map_err(permanent)?;
                 aux.models.insert(ti, m);
             }
             if let Some(f) = &t.settings.placement.mask_file {
-                if !aux.foreground_files.contains_key(f) {
+                if !aux.foreground_masks.contains_key(f) {
+                    let bad = |cause: String| ShardError::Permanent {
+                        sample: None,
+                        input_uri: Some(f.clone()),
+                        cause: format!("{}: foreground_mask {f}: {cause}", t.category),
+                    };
                     let b = self.read(f).await.map_err(|e| match from_store(e, true) {
-                        ShardError::Permanent { cause, .. } => ShardError::Permanent {
-                            sample: None,
-                            input_uri: Some(f.clone()),
-                            cause: format!("{}: foreground_mask {f}: {cause}", t.category),
-                        },
+                        ShardError::Permanent { cause, .. } => bad(cause),
                         e => e,
                     })?;
-                    aux.foreground_files.insert(f.clone(), b);
+                    let m = imaging::decode_mask(&b, f).map_err(|e| bad(e.to_string()))?;
+                    aux.foreground_masks.insert(f.clone(), m);
                 }
             }
         }
@@ -1260,15 +1255,14 @@ fn constrain(
             foreground::estimate_foreground(normal, &foreground::ForegroundParams::default()).mask
         }
         ("file", Some(f)) => {
-            let b = aux
-                .foreground_files
+            let m = aux
+                .foreground_masks
                 .get(f)
                 .ok_or_else(|| format!("foreground_mask {f} was not read"))?;
-            let m = imaging::decode_mask(b, f).map_err(|e| e.to_string())?;
             if m.dimensions() == (w, h) {
-                m
+                m.clone()
             } else {
-                imaging::resize_mask(&m, w, h)
+                imaging::resize_mask(m, w, h)
             }
         }
         _ => {

@@ -78,6 +78,26 @@ pub fn embedding_name(category: &str, defect: &str, s: &MaskModelSettings) -> St
         .unwrap_or_else(|| format!("{category}+{defect}"))
 }
 
+/// Checks that the model at `uri` has the mask model `name`; the error names the import that
+/// adds it (or another embedding to pick).
+pub fn require_mask_model(
+    manifest: &crate::models::ModelManifest,
+    uri: &str,
+    name: &str,
+) -> Result<(), String> {
+    if manifest.mask_types.iter().any(|t| t == name) {
+        return Ok(());
+    }
+    Err(format!(
+        "model {uri} has no mask model {name:?} (it has: {}); import it with `defectforge models import … --mask-embeddings {name}=<train_mask.py embeddings.pt>`, or pick another embedding",
+        if manifest.mask_types.is_empty() {
+            "none".to_string()
+        } else {
+            manifest.mask_types.join(", ")
+        }
+    ))
+}
+
 /// The noise seed of draw `attempt` (0-based) of the mask with `seed`.
 pub fn attempt_seed(seed: u64, attempt: u32) -> u64 {
     if attempt == 0 {
@@ -111,16 +131,6 @@ pub fn sample_accepted(
     stats: &mut DrawStats,
     progress: &mut dyn FnMut(usize),
 ) -> Result<Vec<LearnedMask>, DrawFailure> {
-    if !model.mask_embeddings.contains_key(name) {
-        return Err(DrawFailure::from(GenError::Input(format!(
-            "the model has no mask model {name:?}; it has: {} (import one with `defectforge models import --mask-embeddings {name}=<train_mask.py embeddings.pt>`)",
-            if model.mask_embeddings.is_empty() {
-                "none".to_string()
-            } else {
-                model.mask_types().join(", ")
-            }
-        ))));
-    }
     let opts = options(s);
     let mut out: Vec<Option<LearnedMask>> = vec![None; seeds.len()];
     // (index, attempt) still to draw, in order.
@@ -134,10 +144,9 @@ pub fn sample_accepted(
             .iter()
             .map(|&(i, a)| attempt_seed(seeds[i], a))
             .collect();
-        let prompts: Vec<String> = chunk
+        let prompts: Vec<String> = noise_seeds
             .iter()
-            .zip(&noise_seeds)
-            .map(|(_, &ns)| {
+            .map(|&ns| {
                 if s.prompt == "random" {
                     model.random_prompt(ns)
                 } else {
