@@ -6,23 +6,11 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
+pub use crate::settings::*;
+
 /// Generators a campaign may name. The worker's registry implements exactly these (a test in the
 /// workers crate checks it).
-pub const KNOWN_GENERATORS: &[&str] = &[
-    "perlin",
-    "cutpaste",
-    "noop",
-    "attempt-noise",
-    "anomalydiffusion",
-];
-
-/// MVTec AD's texture categories: AnomalyDiffusion's adaptive attention re-weighting is on by
-/// default for these (the official `run-mvtec.py` recommends it for texture-type anomalies) and
-/// off for object categories.
-pub const TEXTURE_CATEGORIES: &[&str] = &["carpet", "grid", "leather", "tile", "wood"];
-
-/// Re-weighting modes of the AnomalyDiffusion sampler (see the engine's `AarMode`).
-pub const REWEIGHTING_MODES: &[&str] = &["off", "official", "legacy", "paper"];
+pub const KNOWN_GENERATORS: &[&str] = GeneratorKind::NAMES;
 
 /// Default number of samples per shard: a shard is one queue message and one unit of retry. At
 /// diffusion speeds (seconds per sample on a GPU) 32 samples are a few minutes of work.
@@ -125,203 +113,10 @@ impl MaskSource {
     }
 }
 
-/// Perlin mask and DRAEM blend parameters (reference/model_free_synthesis.md §5.1).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PerlinSettings {
-    /// anomaly opacity 1−β range; DRAEM: β ~ U(0, 0.8) → opacity in (0.2, 1]
-    pub opacity: [f32; 2],
-    /// mask threshold on the noise (DRAEM: 0.5)
-    pub threshold: f32,
-    /// lattice resolution exponents: 2^k cells per axis, k in [min, max] (DRAEM: 0..=5)
-    pub scale_exp: [u32; 2],
-    /// folder (local or s3://) of texture images used as anomaly source; none = self-augmentation
-    pub texture_dir: Option<String>,
-}
-
-impl Default for PerlinSettings {
-    fn default() -> Self {
-        Self {
-            opacity: [0.2, 1.0],
-            threshold: 0.5,
-            scale_exp: [0, 5],
-            texture_dir: None,
-        }
-    }
-}
-
-/// CutPaste / scar parameters (reference/model_free_synthesis.md §5.2).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CutPasteSettings {
-    /// patch area as a fraction of the image area
-    pub area: [f32; 2],
-    /// aspect ratio range; drawn from [min, 1) or [1, max] with probability ½ each
-    pub aspect: [f32; 2],
-    /// ColorJitter strength for brightness, contrast, saturation and hue
-    pub jitter: f32,
-    /// scar width in pixels (at 256 px; scaled with the image's shorter side)
-    pub scar_width: [u32; 2],
-    /// scar length in pixels (at 256 px; scaled with the image's shorter side)
-    pub scar_length: [u32; 2],
-}
-
-impl Default for CutPasteSettings {
-    fn default() -> Self {
-        Self {
-            area: [0.02, 0.15],
-            aspect: [0.3, 3.3],
-            jitter: 0.1,
-            scar_width: [2, 16],
-            scar_length: [10, 25],
-        }
-    }
-}
-
-/// AnomalyDiffusion generation parameters (docs/campaign.md, "anomalydiffusion").
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct AnomalyDiffusionSettings {
-    /// the imported model directory (`…/models/<id>`, local or s3://), as printed by
-    /// `defectforge models import`
-    pub model: Option<String>,
-    /// the learned embedding to use; `None` = "<category>+<defect>"
-    pub embedding: Option<String>,
-    /// DDIM steps (official: 200)
-    pub steps: u32,
-    /// DDIM eta (official: 1)
-    pub eta: f32,
-    /// adaptive attention re-weighting: off, official, legacy or paper (resolved from the
-    /// category when the campaign says "auto" or nothing)
-    pub reweighting: String,
-    /// spatial-encoder BatchNorm: "eval" (running statistics; per-sample deterministic) or
-    /// "batch" (the official generation script's batch statistics)
-    pub spatial_bn: String,
-    /// prompt with the placeholder `*`, or "random" for the official template list (chosen
-    /// per sample from its seed)
-    pub prompt: String,
-    /// paste the normal image back outside the mask, blending over `feather_px` pixels
-    pub background_paste: bool,
-    pub feather_px: f32,
-    /// write outputs at the normal image's own resolution by compositing the generated masked
-    /// region into the original (implies a background paste); otherwise outputs are 256×256
-    pub full_resolution: bool,
-    /// masks thinner than the 32×32 latent grid: "keep" (official: the model samples the
-    /// bilinear latent mask, where they may vanish; flagged `thin_defect`) or "dilate" (the
-    /// model samples every latent cell the mask touches, and the normal image is pasted back
-    /// outside the mask)
-    #[serde(default = "default_thin_defects")]
-    pub thin_defects: String,
-}
-
-fn default_thin_defects() -> String {
-    "keep".into()
-}
-
-impl Default for AnomalyDiffusionSettings {
-    fn default() -> Self {
-        Self {
-            model: None,
-            embedding: None,
-            steps: 200,
-            eta: 1.0,
-            reweighting: "off".into(),
-            spatial_bn: "eval".into(),
-            prompt: "random".into(),
-            background_paste: false,
-            feather_px: 3.0,
-            full_resolution: false,
-            thin_defects: default_thin_defects(),
-        }
-    }
-}
-
-/// Learned mask-model sampling (`mask = "generated"`, and `defectforge masks generate`);
-/// the defaults are the official `generate_mask.py` ones (docs/masks.md).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct MaskModelSettings {
-    /// the imported model directory holding the mask embeddings (default: the
-    /// `anomalydiffusion.model` of the same defect type)
-    pub model: Option<String>,
-    /// the mask embedding to use; `None` = "<category>+<defect>"
-    pub embedding: Option<String>,
-    /// DDIM steps (official: 100)
-    pub steps: u32,
-    /// DDIM eta (official: 1)
-    pub eta: f32,
-    /// classifier-free guidance scale against the empty prompt (official: 5)
-    pub guidance: f32,
-    /// binarisation threshold on the decoded RGB mean in [-1, 1] (official: 0.8)
-    pub threshold: f32,
-    /// draws per mask before the sample fails (a draw is rejected when a border line holds
-    /// more than a third of its pixels, or when it is empty)
-    pub max_attempts: u32,
-    /// prompt with the placeholder `*`, or "random" for the official templates
-    pub prompt: String,
-    /// masks sampled per model call
-    pub batch: u32,
-    /// also reject masks that vanish at the 32×32 latent grid (AnomalyDiffusion cannot paint
-    /// them); by default they are kept and flagged `thin_defect` in the manifest
-    pub reject_thin: bool,
-}
-
-impl Default for MaskModelSettings {
-    fn default() -> Self {
-        Self {
-            model: None,
-            embedding: None,
-            steps: 100,
-            eta: 1.0,
-            guidance: 5.0,
-            threshold: 0.8,
-            max_attempts: 16,
-            prompt: "random".into(),
-            batch: 8,
-            reject_thin: false,
-        }
-    }
-}
-
-/// The foreground constraint (docs/masks.md): whether and how masks are kept on the object.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct PlacementSettings {
-    /// "off", "estimate" (object region estimated from each normal image) or "file"
-    /// (`foreground_mask`, the same object mask for every image of the category)
-    pub mode: String,
-    /// the object mask when mode = "file" (resized to each image)
-    pub mask_file: Option<String>,
-    /// the fraction of a mask's pixels that must lie on the object; below it the mask is
-    /// moved (or scaled, or clipped) onto the object
-    pub min_coverage: f32,
-}
-
-impl Default for PlacementSettings {
-    fn default() -> Self {
-        Self {
-            mode: "off".into(),
-            mask_file: None,
-            min_coverage: 0.98,
-        }
-    }
-}
-
-/// Everything a generator and a mask source need for one defect type; copied into every sample
-/// message so that workers hold no campaign state.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
-pub struct GeneratorSettings {
-    pub perlin: PerlinSettings,
-    pub cutpaste: CutPasteSettings,
-    #[serde(default)]
-    pub anomalydiffusion: AnomalyDiffusionSettings,
-    #[serde(default)]
-    pub mask_model: MaskModelSettings,
-    #[serde(default)]
-    pub placement: PlacementSettings,
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DefectSpec {
     pub count: u64,
-    pub generator: String,
+    pub generator: GeneratorKind,
     pub mask: MaskSource,
     /// folder of masks when `mask = "folder"` (absolute after resolution); with
     /// `mask = "bank"`, the bank's folder of this type (`<mask_bank>/<category>/<defect>`)
@@ -337,9 +132,9 @@ pub struct DefectSpec {
 pub struct CategorySpec {
     /// folder of normal images (folder layout; for MVTec it is <root>/<category>/train/good)
     pub normal_dir: Option<String>,
-    /// the category's foreground setting as written: "auto", "estimate" or "off"
+    /// the category's foreground setting as written
     #[serde(default)]
-    pub foreground: String,
+    pub foreground: Foreground,
     pub defects: BTreeMap<String, DefectSpec>,
 }
 
@@ -404,6 +199,32 @@ impl Walker {
                 None
             }
         }
+    }
+    /// A string key that names one of a closed set of choices (`T`'s `FromStr`).
+    fn choice<T: std::str::FromStr<Err = String>>(
+        &mut self,
+        t: &toml::Table,
+        path: &str,
+        key: &str,
+    ) -> Option<T> {
+        let v = self.str_opt(t, path, key)?;
+        match v.parse() {
+            Ok(c) => Some(c),
+            Err(e) => {
+                self.problems.push(format!("{}: {e}", join(path, key)));
+                None
+            }
+        }
+    }
+    /// A non-negative integer that fits a `u32` (range rules belong to the settings'
+    /// `validate()`).
+    fn u32_opt(&mut self, t: &toml::Table, path: &str, key: &str) -> Option<u32> {
+        self.int_opt(t, path, key, 0)
+            .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
+    }
+    /// Any number (range rules belong to the settings' `validate()`).
+    fn num_opt(&mut self, t: &toml::Table, path: &str, key: &str) -> Option<f32> {
+        self.f32_opt(t, path, key, f64::MIN, f64::MAX)
     }
     fn int_opt(&mut self, t: &toml::Table, path: &str, key: &str, min: i64) -> Option<i64> {
         match t.get(key) {
@@ -787,7 +608,7 @@ impl Campaign {
                         cname.clone(),
                         CategorySpec {
                             normal_dir,
-                            foreground: fg.mode.clone(),
+                            foreground: fg.mode,
                             defects,
                         },
                     );
@@ -824,11 +645,11 @@ impl Campaign {
     }
 
     /// The names of all generators the campaign uses.
-    pub fn generators(&self) -> BTreeSet<String> {
+    pub fn generators(&self) -> BTreeSet<GeneratorKind> {
         self.categories
             .values()
             .flat_map(|c| c.defects.values())
-            .map(|d| d.generator.clone())
+            .map(|d| d.generator)
             .collect()
     }
 }
@@ -846,7 +667,7 @@ fn quote_key(k: &str) -> String {
 
 /// A category's foreground keys as written (resolved per defect type by [`resolve_placement`]).
 struct CategoryForeground {
-    mode: String,
+    mode: Foreground,
     mask_file: Option<String>,
     min_coverage: f32,
 }
@@ -858,21 +679,23 @@ fn parse_foreground(
     base: &Path,
 ) -> CategoryForeground {
     let mut fg = CategoryForeground {
-        mode: "auto".into(),
+        mode: Foreground::Auto,
         mask_file: None,
         min_coverage: PlacementSettings::default().min_coverage,
     };
-    if let Some(m) = w.str_opt(ct, cpath, "foreground") {
-        if !["auto", "estimate", "off"].contains(&m.as_str()) {
-            w.problems.push(format!(
-                "{cpath}.foreground: unknown mode {m:?} (expected \"auto\", \"estimate\" or \"off\"; for a fixed object mask set foreground_mask)"
-            ));
+    if ct.contains_key("foreground") {
+        match w.choice(ct, cpath, "foreground") {
+            Some(m) => fg.mode = m,
+            None => {
+                if let Some(last) = w.problems.last_mut() {
+                    last.push_str(" — for a fixed object mask set foreground_mask");
+                }
+            }
         }
-        fg.mode = m;
     }
     if let Some(f) = w.str_opt(ct, cpath, "foreground_mask") {
         check_location(w, &format!("{cpath}.foreground_mask"), &f);
-        if fg.mode == "off" {
+        if fg.mode == Foreground::Off {
             w.problems.push(format!(
                 "{cpath}.foreground_mask: given while foreground = \"off\"; remove one of them"
             ));
@@ -896,16 +719,18 @@ fn resolve_placement(
 ) -> PlacementSettings {
     let synthetic = mask != MaskSource::Real;
     let learned = matches!(mask, MaskSource::Generated | MaskSource::Bank);
-    let mode = match (fg.mask_file.is_some(), fg.mode.as_str()) {
-        _ if !synthetic => "off",
-        (true, _) => "file",
-        (false, "estimate") => "estimate",
-        (false, "auto") if learned && !TEXTURE_CATEGORIES.contains(&category) => "estimate",
-        _ => "off",
+    let mode = match (fg.mask_file.is_some(), fg.mode) {
+        _ if !synthetic => PlacementMode::Off,
+        (true, _) => PlacementMode::File,
+        (false, Foreground::Estimate) => PlacementMode::Estimate,
+        (false, Foreground::Auto) if learned && !TEXTURE_CATEGORIES.contains(&category) => {
+            PlacementMode::Estimate
+        }
+        _ => PlacementMode::Off,
     };
     PlacementSettings {
-        mode: mode.into(),
-        mask_file: if mode == "file" {
+        mode,
+        mask_file: if mode == PlacementMode::File {
             fg.mask_file.clone()
         } else {
             None
@@ -945,15 +770,11 @@ fn parse_defect(
             "{dpath}.count: missing (how many samples of this type to generate)"
         ));
     }
-    let generator = w
-        .str_opt(d, dpath, "generator")
-        .unwrap_or_else(|| "perlin".into());
-    if !KNOWN_GENERATORS.contains(&generator.as_str()) {
-        w.problems.push(format!(
-            "{dpath}.generator: unknown generator {generator:?} (expected one of: {})",
-            KNOWN_GENERATORS.join(", ")
-        ));
-    }
+    let generator = if d.contains_key("generator") {
+        w.choice(d, dpath, "generator")
+    } else {
+        Some(GeneratorKind::Perlin)
+    };
     let default_mask = if layout == Some(Layout::Folder) {
         "perlin"
     } else {
@@ -1065,14 +886,14 @@ fn parse_defect(
             settings.cutpaste.scar_length = s;
         }
     }
-    parse_anomalydiffusion(w, d, dpath, base, category, &generator, &mut settings);
+    parse_anomalydiffusion(w, d, dpath, base, category, generator, &mut settings);
     parse_mask_model(w, d, dpath, base, mask, &mut settings);
     if let Some(m) = mask {
         settings.placement = resolve_placement(fg, category, m);
     }
     Some(DefectSpec {
         count: count? as u64,
-        generator,
+        generator: generator?,
         mask: mask?,
         mask_dir: mask_dir.map(|m| resolve_location(base, &m)),
         mask_bank,
@@ -1087,12 +908,12 @@ fn parse_anomalydiffusion(
     dpath: &str,
     base: &Path,
     category: &str,
-    generator: &str,
+    generator: Option<GeneratorKind>,
     settings: &mut GeneratorSettings,
 ) {
     let ap = format!("{dpath}.anomalydiffusion");
     let s = &mut settings.anomalydiffusion;
-    let mut reweighting = None;
+    s.reweighting = Reweighting::default_for(category);
     if let Some(a) = w.table(d, dpath, "anomalydiffusion") {
         w.unknown(
             a,
@@ -1116,78 +937,41 @@ fn parse_anomalydiffusion(
             s.model = Some(resolve_location(base, &m));
         }
         if let Some(e) = w.str_opt(a, &ap, "embedding") {
-            if e.is_empty() {
-                w.problems.push(format!("{ap}.embedding must not be empty"));
-            }
             s.embedding = Some(e);
         }
-        if let Some(n) = w.int_opt(a, &ap, "steps", 1) {
-            if n > 1000 {
-                w.problems
-                    .push(format!("{ap}.steps must be <= 1000 (got {n})"));
-            } else if 1000 % n != 0 {
-                w.problems.push(format!(
-                    "{ap}.steps: {n} does not divide the 1000 diffusion steps (use e.g. 10, 20, 25, 50, 100, 200, 250, 500)"
-                ));
-            }
-            s.steps = n as u32;
+        if let Some(n) = w.u32_opt(a, &ap, "steps") {
+            s.steps = n;
         }
-        if let Some(e) = w.f32_opt(a, &ap, "eta", 0.0, 1.0) {
+        if let Some(e) = w.num_opt(a, &ap, "eta") {
             s.eta = e;
         }
-        reweighting = w.str_opt(a, &ap, "reweighting");
-        if let Some(b) = w.str_opt(a, &ap, "spatial_bn") {
-            if b != "eval" && b != "batch" {
-                w.problems.push(format!(
-                    "{ap}.spatial_bn: unknown mode {b:?} (expected \"eval\" or \"batch\")"
-                ));
+        // "auto" (the default) is the category's default
+        if a.get("reweighting").and_then(|v| v.as_str()) != Some("auto") {
+            if let Some(r) = w.choice(a, &ap, "reweighting") {
+                s.reweighting = r;
             }
+        }
+        if let Some(b) = w.choice(a, &ap, "spatial_bn") {
             s.spatial_bn = b;
         }
-        if let Some(p) = w.str_opt(a, &ap, "prompt") {
-            if p != "random" && p.matches('*').count() != 1 {
-                w.problems.push(format!(
-                    "{ap}.prompt: {p:?} must contain the placeholder * exactly once (or be \"random\")"
-                ));
-            }
+        if let Some(p) = w.choice(a, &ap, "prompt") {
             s.prompt = p;
         }
         if let Some(b) = w.bool_opt(a, &ap, "background_paste") {
             s.background_paste = b;
         }
-        if let Some(f) = w.f32_opt(a, &ap, "feather_px", 0.0, 64.0) {
+        if let Some(f) = w.num_opt(a, &ap, "feather_px") {
             s.feather_px = f;
         }
         if let Some(b) = w.bool_opt(a, &ap, "full_resolution") {
             s.full_resolution = b;
         }
-        if let Some(t) = w.str_opt(a, &ap, "thin_defects") {
-            if t != "keep" && t != "dilate" {
-                w.problems.push(format!(
-                    "{ap}.thin_defects: unknown mode {t:?} (expected \"keep\" or \"dilate\")"
-                ));
-            }
+        if let Some(t) = w.choice(a, &ap, "thin_defects") {
             s.thin_defects = t;
         }
     }
-    s.reweighting = match reweighting.as_deref() {
-        None | Some("auto") => {
-            if TEXTURE_CATEGORIES.contains(&category) {
-                "official".into()
-            } else {
-                "off".into()
-            }
-        }
-        Some(m) if REWEIGHTING_MODES.contains(&m) => m.to_string(),
-        Some(m) => {
-            w.problems.push(format!(
-                "{ap}.reweighting: unknown mode {m:?} (expected auto, {})",
-                REWEIGHTING_MODES.join(", ")
-            ));
-            "off".into()
-        }
-    };
-    if generator == "anomalydiffusion" && s.model.is_none() {
+    w.problems.extend(s.validate(&ap));
+    if generator == Some(GeneratorKind::AnomalyDiffusion) && s.model.is_none() {
         w.problems.push(format!(
             "{ap}.model: missing (generator \"anomalydiffusion\" needs the model directory printed by `defectforge models import`, e.g. \"s3://bucket/models/ad-…\")"
         ));
@@ -1234,42 +1018,30 @@ fn parse_mask_model(
             s.model = Some(resolve_location(base, &m));
         }
         if let Some(e) = w.str_opt(a, &mp, "embedding") {
-            if e.is_empty() {
-                w.problems.push(format!("{mp}.embedding must not be empty"));
-            }
             s.embedding = Some(e);
         }
-        if let Some(n) = w.int_opt(a, &mp, "steps", 1) {
-            if n > 1000 || 1000 % n != 0 {
-                w.problems.push(format!(
-                    "{mp}.steps: {n} does not divide the 1000 diffusion steps (use e.g. 10, 20, 25, 50, 100, 200)"
-                ));
-            }
-            s.steps = n as u32;
+        if let Some(n) = w.u32_opt(a, &mp, "steps") {
+            s.steps = n;
         }
-        if let Some(e) = w.f32_opt(a, &mp, "eta", 0.0, 1.0) {
+        if let Some(e) = w.num_opt(a, &mp, "eta") {
             s.eta = e;
         }
-        if let Some(g) = w.f32_opt(a, &mp, "guidance", 0.0, 50.0) {
+        if let Some(g) = w.num_opt(a, &mp, "guidance") {
             s.guidance = g;
         }
-        if let Some(t) = w.f32_opt(a, &mp, "threshold", -1.0, 1.0) {
+        if let Some(t) = w.num_opt(a, &mp, "threshold") {
             s.threshold = t;
         }
-        if let Some(n) = w.int_opt(a, &mp, "max_attempts", 1) {
-            s.max_attempts = n.min(10_000) as u32;
+        if let Some(n) = w.u32_opt(a, &mp, "max_attempts") {
+            s.max_attempts = n;
         }
-        if let Some(p) = w.str_opt(a, &mp, "prompt") {
-            if p != "random" && p.matches('*').count() != 1 {
-                w.problems.push(format!(
-                    "{mp}.prompt: {p:?} must contain the placeholder * exactly once (or be \"random\")"
-                ));
-            }
+        if let Some(p) = w.choice(a, &mp, "prompt") {
             s.prompt = p;
         }
-        if let Some(n) = w.int_opt(a, &mp, "batch", 1) {
-            s.batch = n.min(256) as u32;
+        if let Some(n) = w.u32_opt(a, &mp, "batch") {
+            s.batch = n;
         }
+        w.problems.extend(s.validate(&mp));
     }
     if mask == Some(MaskSource::Generated) && s.model.is_none() {
         match &settings.anomalydiffusion.model {
@@ -1349,7 +1121,7 @@ scar_width = [2, 8]
         assert_eq!(c.dataset.source, "/base/data");
         assert_eq!(c.output, "/base/out");
         let color = &c.categories["carpet"].defects["color"];
-        assert_eq!(color.generator, "perlin");
+        assert_eq!(color.generator, GeneratorKind::Perlin);
         assert_eq!(color.mask, MaskSource::Real);
         assert_eq!(color.few_shot_split, FewShotSplit::Disjoint);
         let cut = &c.categories["carpet"].defects["cut"];
@@ -1439,28 +1211,40 @@ mask = "cutpaste"
         assert!(g.settings.mask_model.reject_thin);
         assert_eq!(g.settings.mask_model.guidance, 5.0);
         // Learned masks on an object category are constrained by default; other sources not.
-        assert_eq!(g.settings.placement.mode, "estimate");
+        assert_eq!(g.settings.placement.mode, PlacementMode::Estimate);
         let b = d("screw", "banked");
         assert_eq!(b.mask, MaskSource::Bank);
         assert_eq!(b.mask_dir.as_deref(), Some("s3://b/banks/v1/screw/banked"));
-        assert_eq!(b.settings.placement.mode, "estimate");
-        assert_eq!(d("screw", "blob").settings.placement.mode, "off");
-        assert_eq!(d("screw", "realm").settings.placement.mode, "off");
+        assert_eq!(b.settings.placement.mode, PlacementMode::Estimate);
+        assert_eq!(
+            d("screw", "blob").settings.placement.mode,
+            PlacementMode::Off
+        );
+        assert_eq!(
+            d("screw", "realm").settings.placement.mode,
+            PlacementMode::Off
+        );
         // A texture: off under auto; the mask model defaults to the anomaly model.
         let w = d("wood", "gen");
-        assert_eq!(w.settings.placement.mode, "off");
+        assert_eq!(w.settings.placement.mode, PlacementMode::Off);
         assert_eq!(
             w.settings.mask_model.model.as_deref(),
             Some("s3://b/models/ad-2")
         );
         // estimate: every synthetic source, never real masks; the coverage is carried.
-        assert_eq!(d("pill", "blob").settings.placement.mode, "estimate");
+        assert_eq!(
+            d("pill", "blob").settings.placement.mode,
+            PlacementMode::Estimate
+        );
         assert_eq!(d("pill", "blob").settings.placement.min_coverage, 0.9);
-        assert_eq!(d("pill", "realm").settings.placement.mode, "off");
-        assert_eq!(c.categories["pill"].foreground, "estimate");
+        assert_eq!(
+            d("pill", "realm").settings.placement.mode,
+            PlacementMode::Off
+        );
+        assert_eq!(c.categories["pill"].foreground, Foreground::Estimate);
         // A fixed object mask, resolved against the campaign's folder.
         let t = &d("tile", "cut").settings.placement;
-        assert_eq!(t.mode, "file");
+        assert_eq!(t.mode, PlacementMode::File);
         assert_eq!(t.mask_file.as_deref(), Some("/data/tile_roi.png"));
 
         let bad = r#"
@@ -1526,11 +1310,12 @@ prompt = "no placeholder"
         .unwrap();
         let s = &ok.categories["wood"].defects["d"].settings.anomalydiffusion;
         assert_eq!(
-            s.reweighting, "official",
+            s.reweighting,
+            Reweighting::Official,
             "texture categories re-weight by default"
         );
         assert_eq!(s.steps, 50);
-        assert_eq!(s.spatial_bn, "eval");
+        assert_eq!(s.spatial_bn, SpatialBn::Eval);
         let obj = Campaign::parse(
             &base(
                 "[categories.bottle.defects.d.anomalydiffusion]\nmodel = \"m\"",
@@ -1543,7 +1328,11 @@ prompt = "no placeholder"
         let s = &obj.categories["bottle"].defects["d"]
             .settings
             .anomalydiffusion;
-        assert_eq!(s.reweighting, "off", "objects do not re-weight by default");
+        assert_eq!(
+            s.reweighting,
+            Reweighting::Off,
+            "objects do not re-weight by default"
+        );
         assert_eq!(
             s.model.as_deref(),
             Some("/m"),

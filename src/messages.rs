@@ -2,18 +2,19 @@
 //! worker needs (inputs by URI, seeds, generator settings, output location). Settings are stored
 //! once per defect type in the shard and referenced by index from each sample.
 
-use crate::campaign::{GeneratorSettings, MaskSource};
+use crate::campaign::{GeneratorKind, GeneratorSettings, MaskSource};
 use serde::{Deserialize, Serialize};
 
 /// The message format version this build writes and the newest it reads.
 /// Version 2: learned mask sources (`generated`, `bank`), mask-model and placement settings.
-pub const MESSAGE_VERSION: u32 = 2;
+/// Version 3: the job envelope (`kind`, see [`crate::job`]); a shard is the `generate` kind.
+pub const MESSAGE_VERSION: u32 = 3;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TypeSpec {
     pub category: String,
     pub defect_type: String,
-    pub generator: String,
+    pub generator: GeneratorKind,
     pub mask_source: MaskSource,
     pub settings: GeneratorSettings,
 }
@@ -49,17 +50,15 @@ pub struct ShardMessage {
 pub enum MessageError {
     #[error("shard message is not valid JSON for format v{MESSAGE_VERSION}: {0}")]
     Malformed(String),
-    #[error("shard message has format v{got}, newer than this worker understands (v{MESSAGE_VERSION}): upgrade the worker")]
+    #[error("job message has format v{got}, newer than this worker understands (v{MESSAGE_VERSION}): upgrade the worker")]
     TooNew { got: u32 },
+    #[error("job kind {kind:?} is unknown to this worker (it runs: {}): upgrade the worker", crate::job::JobKind::NAMES.join(", "))]
+    UnknownKind { kind: String },
     #[error("shard message {shard} is inconsistent: {reason}")]
     Inconsistent { shard: String, reason: String },
 }
 
 impl ShardMessage {
-    pub fn to_bytes(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("shard messages serialize")
-    }
-
     pub fn from_bytes(b: &[u8]) -> Result<Self, MessageError> {
         #[derive(Deserialize)]
         struct Peek {
@@ -112,10 +111,10 @@ impl ShardMessage {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn msg() -> ShardMessage {
+    pub(crate) fn msg() -> ShardMessage {
         ShardMessage {
             v: MESSAGE_VERSION,
             campaign_id: "demo-0123".into(),
@@ -126,7 +125,7 @@ mod tests {
             types: vec![TypeSpec {
                 category: "carpet".into(),
                 defect_type: "color".into(),
-                generator: "perlin".into(),
+                generator: GeneratorKind::Perlin,
                 mask_source: MaskSource::Perlin,
                 settings: Default::default(),
             }],
@@ -144,7 +143,10 @@ mod tests {
     #[test]
     fn round_trips_and_rejects_bad_messages() {
         let m = msg();
-        assert_eq!(ShardMessage::from_bytes(&m.to_bytes()).unwrap(), m);
+        assert_eq!(
+            ShardMessage::from_bytes(&serde_json::to_vec(&m).unwrap()).unwrap(),
+            m
+        );
         let mut newer = serde_json::to_value(&m).unwrap();
         newer["v"] = 99.into();
         assert!(matches!(
@@ -153,10 +155,10 @@ mod tests {
         ));
         let mut evil = m.clone();
         evil.campaign_id = "../../x".into();
-        assert!(ShardMessage::from_bytes(&evil.to_bytes()).is_err());
+        assert!(ShardMessage::from_bytes(&serde_json::to_vec(&evil).unwrap()).is_err());
         let mut evil = m.clone();
         evil.samples[0].sample_id = "../../../etc/passwd00000".into();
-        assert!(ShardMessage::from_bytes(&evil.to_bytes()).is_err());
+        assert!(ShardMessage::from_bytes(&serde_json::to_vec(&evil).unwrap()).is_err());
         assert!(ShardMessage::from_bytes(b"{nope").is_err());
     }
 }

@@ -59,7 +59,7 @@ impl Plan {
                     spec: TypeSpec {
                         category: cname.clone(),
                         defect_type: dname.clone(),
-                        generator: d.generator.clone(),
+                        generator: d.generator,
                         mask_source: d.mask,
                         settings: d.settings.clone(),
                     },

@@ -143,7 +143,8 @@ async fn a_worker_killed_mid_campaign_loses_and_duplicates_nothing() {
 async fn a_shard_run_twice_at_once_yields_one_row_per_sample() {
     use defectforge::queue::{InProcQueue, JobQueue};
     use defectforge_worker::generators::{GenError, GenInput, Generator};
-    use defectforge_worker::runner::{Outcome, Worker, WorkerConfig};
+    use defectforge_worker::protocol::Outcome;
+    use defectforge_worker::runner::{Worker, WorkerConfig};
     use std::sync::{Arc, Barrier};
 
     /// attempt-noise, but both attempts must be inside `generate` together.
@@ -200,7 +201,7 @@ async fn a_shard_run_twice_at_once_yields_one_row_per_sample() {
         .await
         .unwrap();
     let q = InProcQueue::new(5);
-    let body = plan.shard(0).to_bytes();
+    let body = defectforge::Job::Generate(plan.shard(0)).to_bytes();
     q.publish(vec![body.clone(), body]).await.unwrap();
     let barrier = Arc::new(Barrier::new(2));
     let mk = |id: &str| {

@@ -4,14 +4,15 @@
 use crate::CampaignRef;
 use anyhow::{anyhow, bail, Context, Result};
 use defectforge::campaign::Campaign;
+use defectforge::job::Job;
 use defectforge::ledger::{self, CampaignRecord, FinalizeOptions};
-use defectforge::messages::ShardMessage;
 use defectforge::plan::{Plan, PLAN_VERSION};
 use defectforge::queue::{redact_url, AmqpQueue, InProcQueue, JobQueue};
 use defectforge::store::{self, ObjectStore, S3Config};
 use defectforge::{dataset, demo, ids, layout};
 use defectforge_worker::cli::AmqpArgs;
-use defectforge_worker::runner::{consume_loop, Worker, WorkerConfig};
+use defectforge_worker::protocol::consume_loop;
+use defectforge_worker::runner::{Worker, WorkerConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::path::Path;
@@ -144,7 +145,10 @@ async fn publish_shards(q: &dyn JobQueue, plan: &Plan, shards: &[u64]) -> Result
     let pb = bar(shards.len() as u64, "publishing");
     let mut done = 0u64;
     for chunk in shards.chunks(PUBLISH_CHUNK as usize) {
-        let bodies: Vec<Vec<u8>> = chunk.iter().map(|&s| plan.shard(s).to_bytes()).collect();
+        let bodies: Vec<Vec<u8>> = chunk
+            .iter()
+            .map(|&s| Job::Generate(plan.shard(s)).to_bytes())
+            .collect();
         q.publish(bodies).await.map_err(|e| {
             anyhow!(
                 "{e}; {done} of {} shards were published before the failure — run `defectforge resume {}` once the broker is back",
@@ -410,8 +414,8 @@ pub async fn requeue_dead(c: &CampaignRef, amqp: &AmqpArgs, s3: &S3Config) -> Re
     let moved_shards = std::sync::Mutex::new(vec![]);
     let cid2 = cid.clone();
     let n = q
-        .requeue_dead(&|body: &[u8]| match ShardMessage::from_bytes(body) {
-            Ok(m) if m.campaign_id == cid2 => {
+        .requeue_dead(&|body: &[u8]| match Job::from_bytes(body) {
+            Ok(Job::Generate(m)) if m.campaign_id == cid2 => {
                 moved_shards.lock().expect("list").push(m.shard_id);
                 true
             }
@@ -492,7 +496,7 @@ pub async fn run(
     for _ in 0..n {
         let (w, q, rx) = (worker.clone(), q.clone(), rx.clone());
         tasks.push(tokio::spawn(async move {
-            consume_loop(&w, &q, 1, rx, None).await
+            consume_loop(w.as_ref(), &q, 1, rx, None).await
         }));
     }
     let pb = bar(plan.total_samples, "samples");
@@ -561,6 +565,19 @@ pub async fn models_import(
     Ok(0)
 }
 
+/// A settings problem ("max_attempts must be …") as the flag that sets it
+/// ("--max-attempts must be …").
+fn as_flag(problem: &str) -> String {
+    let key_len = problem
+        .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+        .unwrap_or(problem.len());
+    format!(
+        "--{}{}",
+        problem[..key_len].replace('_', "-"),
+        &problem[key_len..]
+    )
+}
+
 /// `masks generate`: samples (or completes) a mask bank and reports the rejection rates.
 pub async fn masks_generate(
     req: defectforge_worker::bank::BankRequest,
@@ -568,27 +585,16 @@ pub async fn masks_generate(
     json: bool,
     s3: &S3Config,
 ) -> Result<i32> {
-    let s = &req.settings;
-    if s.steps == 0 || s.steps > 1000 || 1000 % s.steps != 0 {
+    let problems = req.settings.validate("");
+    if !problems.is_empty() {
         bail!(
-            "--steps {}: must divide the 1000 diffusion steps (e.g. 10, 20, 25, 50, 100, 200)",
-            s.steps
+            "invalid mask-model settings:\n  {}",
+            problems
+                .iter()
+                .map(|p| as_flag(p))
+                .collect::<Vec<_>>()
+                .join("\n  ")
         );
-    }
-    if s.prompt != "random" && s.prompt.matches('*').count() != 1 {
-        bail!(
-            "--prompt {:?}: must contain the placeholder * exactly once (or be \"random\")",
-            s.prompt
-        );
-    }
-    if !(0.0..=1.0).contains(&s.eta) || s.max_attempts == 0 {
-        bail!("--eta must lie in [0, 1] and --max-attempts be at least 1");
-    }
-    if !(-1.0..=1.0).contains(&s.threshold)
-        || !(0.0..=50.0).contains(&s.guidance)
-        || !(1..=256).contains(&s.batch)
-    {
-        bail!("--threshold must lie in [-1, 1], --guidance in [0, 50] and --batch in 1..=256");
     }
     let t0 = Instant::now();
     let cache = defectforge_worker::models::ModelCache::new(model_cache, s3.clone());

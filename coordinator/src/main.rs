@@ -201,7 +201,7 @@ enum MasksCmd {
         batch: u32,
         /// prompt with the placeholder *, or "random" for the official templates
         #[arg(long, env = "DEFECTFORGE_MASK_PROMPT", default_value = "random")]
-        prompt: String,
+        prompt: defectforge::campaign::Prompt,
         /// also reject masks that vanish at the 32x32 latent grid
         #[arg(long, env = "DEFECTFORGE_MASK_REJECT_THIN")]
         reject_thin: bool,

@@ -8,7 +8,8 @@
 //!   window after the broker went away, and after SIGTERM (readiness).
 //! - `GET /metrics`: Prometheus text format 0.0.4 (see `render_metrics`).
 
-use crate::runner::{Counters, Histogram, ShardKind, Worker};
+use crate::metrics::{Counters, Histogram, ShardKind};
+use crate::runner::Worker;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;

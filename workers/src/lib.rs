@@ -1,9 +1,12 @@
-//! defectforge worker: the consume loop (ack after commit, graceful shutdown, bounded broker
-//! reconnect), the `Generator` trait and its implementations.
+//! defectforge worker: the delivery protocol every job kind shares (`protocol`: ack after
+//! commit, requeue, dead-letter, graceful shutdown), the job handler (`runner`: generation
+//! shards), mask banks, the `Generator` trait and its implementations, metrics.
 
 pub mod bank;
 pub mod cli;
 pub mod generators;
 pub mod http;
+pub mod metrics;
 pub mod models;
+pub mod protocol;
 pub mod runner;

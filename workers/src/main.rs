@@ -9,9 +9,8 @@ use defectforge::queue::{redact_url, AmqpQueue};
 use defectforge::retry::Backoff;
 use defectforge_worker::cli::{init_logging, AmqpArgs, LogFormat, S3Args};
 use defectforge_worker::http;
-use defectforge_worker::runner::{
-    consume_loop, default_worker_id, LoopEnd, Worker, WorkerConfig, WorkerError,
-};
+use defectforge_worker::protocol::{consume_loop, LoopEnd, WorkerError};
+use defectforge_worker::runner::{default_worker_id, Worker, WorkerConfig};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{error, info, warn};
@@ -163,7 +162,7 @@ async fn run(args: Args) -> Result<i32> {
         for _ in 0..args.concurrency.max(1) {
             let (w, q2, rx, stop) = (worker.clone(), &q, stop_rx.clone(), stop_tx.clone());
             loops.push(async move {
-                let r = consume_loop(&w, q2, args.prefetch.max(1), rx, idle).await;
+                let r = consume_loop(w.as_ref(), q2, args.prefetch.max(1), rx, idle).await;
                 if r.is_err() {
                     let _ = stop.send(true);
                 }

@@ -1,29 +1,32 @@
-//! The worker runtime: takes one shard at a time from a `JobQueue`, reads its inputs, runs the
-//! generators off the async runtime (so broker heartbeats keep flowing), writes every object
-//! under attempt-unique keys, commits by writing the shard fragment last, and only then acks.
-//! Bad input is dead-lettered with a failure record; transient failures are retried with backoff
-//! and then requeued; a shard past its time limit is requeued and the worker stops.
+//! The worker and its `generate` jobs: for one shard, read its inputs, run the generators off
+//! the async runtime (so broker heartbeats keep flowing), write every object under
+//! attempt-unique keys, and commit by writing the shard fragment last. How the broker is
+//! answered (ack after commit, requeue, dead-letter, time limit) is `crate::protocol`'s.
 
 use crate::generators::{self, composite, masks, GenError, GenInput, Generator};
 use bytes::Bytes;
 use chrono::Utc;
 use defectforge::campaign::MaskSource;
 use defectforge::imaging::{self, ImageError};
+use defectforge::job::Job;
 use defectforge::ledger::FailureRecord;
 use defectforge::manifest::{self, ManifestRow};
 use defectforge::messages::{SampleSpec, ShardMessage};
-use defectforge::queue::{Delivery, JobQueue, QueueError};
+use defectforge::queue::Delivery;
 use defectforge::retry::{retry, Backoff};
 use defectforge::store::{self, ObjectStore, S3Config, StoreError};
 use defectforge::{ids, layout, ledger};
+use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
 use image::{GrayImage, RgbImage};
 use rand::SeedableRng;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tracing::{info, warn, Instrument};
+
+use crate::metrics::Counters;
+use crate::protocol::{self, DeliveryPolicy, Failure, JobError, JobHandler, Outcome, WorkerError};
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -60,243 +63,6 @@ pub fn default_worker_id() -> String {
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "worker".into());
     format!("{host}-{}", std::process::id())
-}
-
-/// Counters for logs and metrics (`/metrics` renders them; see `crate::http`).
-#[derive(Debug, Default)]
-pub struct Counters {
-    pub shards_committed: AtomicU64,
-    pub shards_skipped: AtomicU64,
-    /// every dead-lettered shard, whatever the class (see `shards` for the split)
-    pub shards_dead_lettered: AtomicU64,
-    pub shards_requeued: AtomicU64,
-    pub samples_committed: AtomicU64,
-    pub bytes_uploaded: AtomicU64,
-    /// generator time summed over committed samples
-    pub generator_micros: AtomicU64,
-    /// time spent loading models at start-up (0 for model-free generators)
-    pub model_load_micros: AtomicU64,
-    /// shards by how their delivery ended, indexed by `ShardKind`
-    pub shards: [AtomicU64; ShardKind::ALL.len()],
-    /// the samples those shards held, indexed by `ShardKind`
-    pub samples: [AtomicU64; ShardKind::ALL.len()],
-    /// time from delivery to the broker's answer, every shard whose message was readable
-    pub shard_seconds: Histogram,
-    /// consume loops currently attached to the broker (readiness: > 0)
-    pub consumers: AtomicU64,
-    campaigns: Mutex<CampaignGauge>,
-}
-
-/// How a delivery ended, for metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ShardKind {
-    Committed,
-    Skipped,
-    DeadLetteredPermanent,
-    DeadLetteredExhausted,
-    /// the message itself could not be parsed
-    DeadLetteredUnreadable,
-    Requeued,
-    /// requeued because it overran its time limit; the worker then exits (code 3)
-    TimedOut,
-    /// requeued because the worker is misconfigured; the worker then exits (code 3)
-    Fatal,
-}
-
-impl ShardKind {
-    pub const ALL: [ShardKind; 8] = [
-        ShardKind::Committed,
-        ShardKind::Skipped,
-        ShardKind::DeadLetteredPermanent,
-        ShardKind::DeadLetteredExhausted,
-        ShardKind::DeadLetteredUnreadable,
-        ShardKind::Requeued,
-        ShardKind::TimedOut,
-        ShardKind::Fatal,
-    ];
-
-    /// the `outcome` label value
-    pub fn label(self) -> &'static str {
-        match self {
-            ShardKind::Committed => "committed",
-            ShardKind::Skipped => "skipped",
-            ShardKind::DeadLetteredPermanent => "dead_lettered_permanent",
-            ShardKind::DeadLetteredExhausted => "dead_lettered_exhausted",
-            ShardKind::DeadLetteredUnreadable => "dead_lettered_unreadable",
-            ShardKind::Requeued => "requeued",
-            ShardKind::TimedOut => "timed_out",
-            ShardKind::Fatal => "fatal",
-        }
-    }
-
-    fn dead_lettered(class: &str) -> Self {
-        if class == "exhausted" {
-            ShardKind::DeadLetteredExhausted
-        } else {
-            ShardKind::DeadLetteredPermanent
-        }
-    }
-}
-
-/// A fixed-bucket histogram of seconds (Prometheus `le` buckets, cumulative when rendered).
-#[derive(Debug, Default)]
-pub struct Histogram {
-    counts: [AtomicU64; Histogram::BOUNDS.len()],
-    count: AtomicU64,
-    sum_micros: AtomicU64,
-}
-
-impl Histogram {
-    /// upper bounds in seconds; shards take seconds (model-free) to tens of minutes (diffusion)
-    pub const BOUNDS: [f64; 14] = [
-        0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1200.0, 1800.0, 3600.0,
-    ];
-
-    pub fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        if let Some(i) = Self::BOUNDS.iter().position(|&b| secs <= b) {
-            self.counts[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micros
-            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
-    }
-
-    /// (upper bound, cumulative count) per bucket, then the total count and the sum in seconds
-    pub fn snapshot(&self) -> (Vec<(f64, u64)>, u64, f64) {
-        let mut acc = 0;
-        let buckets = Self::BOUNDS
-            .iter()
-            .zip(&self.counts)
-            .map(|(&b, c)| {
-                acc += c.load(Ordering::Relaxed);
-                (b, acc)
-            })
-            .collect();
-        (
-            buckets,
-            self.count.load(Ordering::Relaxed),
-            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6,
-        )
-    }
-}
-
-/// Shards in progress per campaign, and the campaign handled last.
-#[derive(Debug, Default)]
-struct CampaignGauge {
-    in_progress: BTreeMap<String, u64>,
-    last: Option<String>,
-}
-
-struct InProgress<'a>(&'a Counters, String);
-
-impl Drop for InProgress<'_> {
-    fn drop(&mut self) {
-        let mut g = self.0.campaigns.lock().expect("campaign gauge");
-        if let Some(n) = g.in_progress.get_mut(&self.1) {
-            *n -= 1;
-            if *n == 0 {
-                g.in_progress.remove(&self.1);
-            }
-        }
-    }
-}
-
-impl Counters {
-    pub fn record(&self, kind: ShardKind, samples: u64) {
-        let i = ShardKind::ALL
-            .iter()
-            .position(|&k| k == kind)
-            .expect("kind listed");
-        self.shards[i].fetch_add(1, Ordering::Relaxed);
-        self.samples[i].fetch_add(samples, Ordering::Relaxed);
-    }
-
-    pub fn shards_of(&self, kind: ShardKind) -> u64 {
-        let i = ShardKind::ALL.iter().position(|&k| k == kind).unwrap_or(0);
-        self.shards[i].load(Ordering::Relaxed)
-    }
-
-    pub fn samples_of(&self, kind: ShardKind) -> u64 {
-        let i = ShardKind::ALL.iter().position(|&k| k == kind).unwrap_or(0);
-        self.samples[i].load(Ordering::Relaxed)
-    }
-
-    /// (campaign, shards in progress) for the campaigns in progress, plus the campaign handled
-    /// last with 0 when nothing of it is in progress.
-    pub fn campaigns(&self) -> Vec<(String, u64)> {
-        let g = self.campaigns.lock().expect("campaign gauge");
-        let mut v: Vec<(String, u64)> =
-            g.in_progress.iter().map(|(c, n)| (c.clone(), *n)).collect();
-        if let Some(l) = &g.last {
-            if !g.in_progress.contains_key(l) {
-                v.push((l.clone(), 0));
-            }
-        }
-        v
-    }
-
-    fn start(&self, campaign: &str) -> InProgress<'_> {
-        let mut g = self.campaigns.lock().expect("campaign gauge");
-        *g.in_progress.entry(campaign.to_string()).or_default() += 1;
-        g.last = Some(campaign.to_string());
-        InProgress(self, campaign.to_string())
-    }
-}
-
-/// Counts this consume loop as attached to the broker while it lives.
-struct Attached<'a>(&'a Counters);
-
-impl Drop for Attached<'_> {
-    fn drop(&mut self) {
-        self.0.consumers.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// How a delivery ended.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Outcome {
-    Committed { samples: usize },
-    Skipped { reason: String },
-    DeadLettered { cause: String },
-    Requeued { cause: String },
-}
-
-/// Conditions after which the worker must stop (the supervisor restarts it).
-#[derive(Debug, thiserror::Error)]
-pub enum WorkerError {
-    #[error("shard {shard} exceeded its time limit of {secs} s; it was requeued and this worker stops because the generator thread may be stuck")]
-    TimedOut { shard: String, secs: u64 },
-    #[error("worker misconfigured: {0}")]
-    Fatal(String),
-    #[error(transparent)]
-    Queue(#[from] QueueError),
-}
-
-enum ShardError {
-    Permanent {
-        sample: Option<(String, u64)>,
-        input_uri: Option<String>,
-        cause: String,
-    },
-    Transient(String),
-    Fatal(String),
-    TimedOut(u64),
-}
-
-fn from_store(e: StoreError, input: bool) -> ShardError {
-    match e {
-        StoreError::NotFound { uri } if input => ShardError::Permanent {
-            sample: None,
-            input_uri: Some(uri.clone()),
-            cause: format!("input {uri} does not exist"),
-        },
-        e @ (StoreError::Auth { .. } | StoreError::NoBucket { .. }) => {
-            ShardError::Fatal(e.to_string())
-        }
-        // transient (5xx, timeouts) or unclassified: retried later, never dead-lettered
-        e => ShardError::Transient(e.to_string()),
-    }
 }
 
 struct Inputs {
@@ -429,15 +195,15 @@ impl Worker {
         .await
     }
 
-    async fn texture_list(&self, dir: &str) -> Result<Arc<Vec<String>>, ShardError> {
+    async fn texture_list(&self, dir: &str) -> Result<Arc<Vec<String>>, JobError> {
         if let Some(l) = self.textures.lock().expect("textures").get(dir) {
             return Ok(l.clone());
         }
         let l = defectforge::dataset::list_images(dir, &self.cfg.s3)
             .await
-            .map_err(ShardError::Transient)?;
+            .map_err(JobError::Transient)?;
         if l.is_empty() {
-            return Err(ShardError::Permanent {
+            return Err(JobError::Permanent {
                 sample: None,
                 input_uri: Some(dir.to_string()),
                 cause: format!("texture folder {dir} holds no images"),
@@ -453,13 +219,13 @@ impl Worker {
 
     /// Loads the mask models of the shard's types with generated masks (checking that each has
     /// its type's mask embedding) and reads the object masks named by `foreground_mask`.
-    async fn prepare_masks(&self, msg: &ShardMessage) -> Result<MaskAux, ShardError> {
+    async fn prepare_masks(&self, msg: &ShardMessage) -> Result<MaskAux, JobError> {
         let mut aux = MaskAux::default();
         let used: std::collections::BTreeSet<u32> =
             msg.samples.iter().map(|s| s.type_idx).collect();
         for &ti in &used {
             let t = &msg.types[ti as usize];
-            let permanent = |cause: String| ShardError::Permanent {
+            let permanent = |cause: String| JobError::Permanent {
                 sample: None,
                 input_uri: None,
                 cause: format!("{}/{}: {cause}", t.category, t.defect_type),
@@ -473,7 +239,7 @@ impl Worker {
                 })?;
                 let m = self.models.get(uri).await.map_err(|e| {
                     if e.is_transient() {
-                        ShardError::Transient(format!("loading mask model {uri}: {e}"))
+                        JobError::Transient(format!("loading mask model {uri}: {e}"))
                     } else {
                         permanent(format!("mask model {uri}: {e}"))
                     }
@@ -486,15 +252,18 @@ impl Worker {
             }
             if let Some(f) = &t.settings.placement.mask_file {
                 if !aux.foreground_masks.contains_key(f) {
-                    let bad = |cause: String| ShardError::Permanent {
+                    let bad = |cause: String| JobError::Permanent {
                         sample: None,
                         input_uri: Some(f.clone()),
                         cause: format!("{}: foreground_mask {f}: {cause}", t.category),
                     };
-                    let b = self.read(f).await.map_err(|e| match from_store(e, true) {
-                        ShardError::Permanent { cause, .. } => bad(cause),
-                        e => e,
-                    })?;
+                    let b =
+                        self.read(f)
+                            .await
+                            .map_err(|e| match JobError::from_store(e, true) {
+                                JobError::Permanent { cause, .. } => bad(cause),
+                                e => e,
+                            })?;
                     let m = imaging::decode_mask(&b, f).map_err(|e| bad(e.to_string()))?;
                     aux.foreground_masks.insert(f.clone(), m);
                 }
@@ -503,14 +272,14 @@ impl Worker {
         Ok(aux)
     }
 
-    async fn fetch_inputs(&self, msg: &ShardMessage) -> Result<Vec<Inputs>, ShardError> {
+    async fn fetch_inputs(&self, msg: &ShardMessage) -> Result<Vec<Inputs>, JobError> {
         let mut out = vec![];
         for s in &msg.samples {
             let t = &msg.types[s.type_idx as usize];
-            let with_sample = |e: ShardError| match e {
-                ShardError::Permanent {
+            let with_sample = |e: JobError| match e {
+                JobError::Permanent {
                     input_uri, cause, ..
-                } => ShardError::Permanent {
+                } => JobError::Permanent {
                     sample: Some((s.sample_id.clone(), s.index)),
                     input_uri,
                     cause,
@@ -520,12 +289,12 @@ impl Worker {
             let normal = self
                 .read(&s.normal_uri)
                 .await
-                .map_err(|e| with_sample(from_store(e, true)))?;
+                .map_err(|e| with_sample(JobError::from_store(e, true)))?;
             let mask = match &s.mask_uri {
                 Some(u) => Some(
                     self.read(u)
                         .await
-                        .map_err(|e| with_sample(from_store(e, true)))?,
+                        .map_err(|e| with_sample(JobError::from_store(e, true)))?,
                 ),
                 None => None,
             };
@@ -536,7 +305,7 @@ impl Worker {
                     let b = self
                         .read(&list[i])
                         .await
-                        .map_err(|e| with_sample(from_store(e, true)))?;
+                        .map_err(|e| with_sample(JobError::from_store(e, true)))?;
                     Some((list[i].clone(), b))
                 }
                 _ => None,
@@ -550,161 +319,13 @@ impl Worker {
         Ok(out)
     }
 
-    /// Processes one delivery and answers the broker. Returns how it ended, or an error after
-    /// which the worker must stop.
-    pub async fn handle(&self, d: Delivery) -> Result<Outcome, WorkerError> {
-        let msg = match ShardMessage::from_bytes(&d.body) {
-            Ok(m) => m,
-            Err(e) => {
-                warn!("dead-lettering an unreadable shard message: {e}");
-                d.acker.dead_letter().await?;
-                self.counters
-                    .shards_dead_lettered
-                    .fetch_add(1, Ordering::Relaxed);
-                self.counters.record(ShardKind::DeadLetteredUnreadable, 0);
-                return Ok(Outcome::DeadLettered {
-                    cause: e.to_string(),
-                });
-            }
-        };
-        let span = tracing::info_span!("shard", campaign = %msg.campaign_id, shard = %msg.shard_id);
-        let t0 = Instant::now();
-        let _in_progress = self.counters.start(&msg.campaign_id);
-        let r = self.handle_msg(d, msg).instrument(span).await;
-        self.counters.shard_seconds.observe(t0.elapsed());
-        r
-    }
-
-    async fn handle_msg(&self, d: Delivery, msg: ShardMessage) -> Result<Outcome, WorkerError> {
-        let deliveries = d.previous_deliveries + 1;
-        let n = msg.samples.len() as u64;
-        let result = self.process(&msg).await;
-        match result {
-            Ok(Outcome::Committed { samples }) => {
-                d.acker.ack().await?;
-                self.counters
-                    .shards_committed
-                    .fetch_add(1, Ordering::Relaxed);
-                self.counters
-                    .samples_committed
-                    .fetch_add(samples as u64, Ordering::Relaxed);
-                self.counters.record(ShardKind::Committed, samples as u64);
-                info!(samples, "shard committed");
-                Ok(Outcome::Committed { samples })
-            }
-            Ok(other) => {
-                d.acker.ack().await?;
-                self.counters.shards_skipped.fetch_add(1, Ordering::Relaxed);
-                self.counters.record(ShardKind::Skipped, n);
-                info!("shard skipped: {other:?}");
-                Ok(other)
-            }
-            Err(ShardError::Permanent {
-                sample,
-                input_uri,
-                cause,
-            }) => {
-                warn!(%cause, "shard failed permanently; dead-lettering it");
-                self.dead_letter(d, &msg, sample, input_uri, cause, "permanent", deliveries)
-                    .await
-            }
-            Err(ShardError::Transient(cause)) if deliveries >= self.cfg.delivery_limit => {
-                let cause = format!("gave up after {deliveries} deliveries: {cause}");
-                warn!(%cause, "dead-lettering shard");
-                self.dead_letter(d, &msg, None, None, cause, "exhausted", deliveries)
-                    .await
-            }
-            Err(ShardError::Transient(cause)) => {
-                let pause = self.cfg.retry.delay(deliveries as u32 + 1);
-                warn!(%cause, pause_ms = pause.as_millis() as u64, "transient failure; requeueing the shard");
-                tokio::time::sleep(pause).await;
-                d.acker.requeue().await?;
-                self.counters
-                    .shards_requeued
-                    .fetch_add(1, Ordering::Relaxed);
-                self.counters.record(ShardKind::Requeued, n);
-                Ok(Outcome::Requeued { cause })
-            }
-            Err(ShardError::Fatal(cause)) => {
-                let _ = d.acker.requeue().await;
-                self.counters.record(ShardKind::Fatal, n);
-                Err(WorkerError::Fatal(cause))
-            }
-            Err(ShardError::TimedOut(secs)) => {
-                let _ = d.acker.requeue().await;
-                self.counters.record(ShardKind::TimedOut, n);
-                Err(WorkerError::TimedOut {
-                    shard: msg.message_id(),
-                    secs,
-                })
-            }
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    async fn dead_letter(
-        &self,
-        d: Delivery,
-        msg: &ShardMessage,
-        sample: Option<(String, u64)>,
-        input_uri: Option<String>,
-        cause: String,
-        class: &str,
-        deliveries: u64,
-    ) -> Result<Outcome, WorkerError> {
-        let rec = FailureRecord {
-            campaign_id: msg.campaign_id.clone(),
-            shard_id: msg.shard_id.clone(),
-            sample_id: sample.as_ref().map(|s| s.0.clone()),
-            sample_index: sample.map(|s| s.1),
-            input_uri,
-            cause: cause.clone(),
-            class: class.to_string(),
-            worker_id: self.cfg.worker_id.clone(),
-            deliveries,
-            at: Utc::now(),
-        };
-        let written = match self.store(&msg.output).await {
-            Ok(store) => {
-                let body = Bytes::from(serde_json::to_vec_pretty(&rec).expect("record serializes"));
-                let key = layout::failure(&msg.campaign_id, &msg.shard_id);
-                retry(
-                    self.cfg.retry,
-                    "writing a failure record",
-                    StoreError::is_transient,
-                    || store.put(&key, body.clone(), "application/json"),
-                )
-                .await
-            }
-            Err(e) => Err(e),
-        };
-        if let Err(e) = written {
-            // Without its failure record a dead shard would be invisible: keep it in the queue.
-            warn!("cannot write the failure record ({e}); requeueing instead of dead-lettering");
-            d.acker.requeue().await?;
-            self.counters
-                .shards_requeued
-                .fetch_add(1, Ordering::Relaxed);
-            self.counters
-                .record(ShardKind::Requeued, msg.samples.len() as u64);
-            return Ok(Outcome::Requeued { cause });
-        }
-        d.acker.dead_letter().await?;
-        self.counters
-            .shards_dead_lettered
-            .fetch_add(1, Ordering::Relaxed);
-        self.counters
-            .record(ShardKind::dead_lettered(class), msg.samples.len() as u64);
-        Ok(Outcome::DeadLettered { cause })
-    }
-
-    async fn process(&self, msg: &ShardMessage) -> Result<Outcome, ShardError> {
+    async fn process(&self, msg: &ShardMessage) -> Result<Outcome, JobError> {
         let t0 = Instant::now();
         let started_at = Utc::now();
         let store = self
             .store(&msg.output)
             .await
-            .map_err(|e| from_store(e, false))?;
+            .map_err(|e| JobError::from_store(e, false))?;
         let cid = &msg.campaign_id;
         let cancelled = retry(
             self.cfg.retry,
@@ -713,7 +334,7 @@ impl Worker {
             || self.is_cancelled(store.as_ref(), cid),
         )
         .await
-        .map_err(|e| from_store(e, false))?;
+        .map_err(|e| JobError::from_store(e, false))?;
         if cancelled {
             return Ok(Outcome::Skipped {
                 reason: "campaign cancelled".into(),
@@ -727,7 +348,7 @@ impl Worker {
             || store.list(&shard_prefix),
         )
         .await
-        .map_err(|e| from_store(e, false))?;
+        .map_err(|e| JobError::from_store(e, false))?;
         if !existing.is_empty() {
             return Ok(Outcome::Skipped {
                 reason: "shard already committed".into(),
@@ -735,7 +356,7 @@ impl Worker {
         }
         for t in &msg.types {
             if !self.generators.contains_key(t.generator.as_str()) {
-                return Err(ShardError::Permanent {
+                return Err(JobError::Permanent {
                     sample: None,
                     input_uri: None,
                     cause: format!(
@@ -755,12 +376,12 @@ impl Worker {
         for t in &msg.types {
             let g = &self.generators[t.generator.as_str()];
             g.prepare(&t.settings).await.map_err(|e| match e {
-                GenError::Input(c) => ShardError::Permanent {
+                GenError::Input(c) => JobError::Permanent {
                     sample: None,
                     input_uri: None,
                     cause: format!("{}/{}: {c}", t.category, t.defect_type),
                 },
-                GenError::Transient(c) => ShardError::Transient(c),
+                GenError::Transient(c) => JobError::Transient(c),
             })?;
         }
         let aux = self.prepare_masks(msg).await?;
@@ -775,9 +396,9 @@ impl Worker {
         let m2 = msg.clone();
         let job = tokio::task::spawn_blocking(move || compute(&m2, inputs, &gens, &aux));
         let computed = match tokio::time::timeout(remaining, job).await {
-            Err(_) => return Err(ShardError::TimedOut(msg.shard_time_limit_s)),
+            Err(_) => return Err(JobError::TimedOut(msg.shard_time_limit_s)),
             Ok(Err(join)) => {
-                return Err(ShardError::Transient(format!(
+                return Err(JobError::Transient(format!(
                     "generator thread panicked: {join}"
                 )))
             }
@@ -817,13 +438,13 @@ impl Worker {
             .await;
         let mut bytes_up = 0;
         for r in results {
-            bytes_up += r.map_err(|e| from_store(e, false))?;
+            bytes_up += r.map_err(|e| JobError::from_store(e, false))?;
         }
         self.counters
             .bytes_uploaded
             .fetch_add(bytes_up, Ordering::Relaxed);
         if t0.elapsed() > limit {
-            return Err(ShardError::TimedOut(msg.shard_time_limit_s));
+            return Err(JobError::TimedOut(msg.shard_time_limit_s));
         }
         // Commit: the fragment names exactly the objects written above.
         let finished_at = Utc::now();
@@ -847,7 +468,7 @@ impl Worker {
             })
             .collect();
         let frag =
-            manifest::write_parquet(&rows).map_err(|e| ShardError::Transient(e.to_string()))?;
+            manifest::write_parquet(&rows).map_err(|e| JobError::Transient(e.to_string()))?;
         let fkey = layout::fragment(cid, &msg.shard_id, &attempt);
         let fbytes = Bytes::from(frag);
         retry(
@@ -857,7 +478,7 @@ impl Worker {
             || store.put(&fkey, fbytes.clone(), "application/vnd.apache.parquet"),
         )
         .await
-        .map_err(|e| from_store(e, false))?;
+        .map_err(|e| JobError::from_store(e, false))?;
         let micros: u64 = computed.iter().map(|c| c.micros).sum();
         self.counters
             .generator_micros
@@ -867,6 +488,68 @@ impl Worker {
         Ok(Outcome::Committed {
             samples: rows.len(),
         })
+    }
+}
+
+impl Worker {
+    /// Processes one delivery and answers the broker (see [`crate::protocol::handle`]).
+    pub async fn handle(&self, d: Delivery) -> Result<Outcome, WorkerError> {
+        protocol::handle(self, d).await
+    }
+
+    async fn write_failure(&self, msg: &ShardMessage, f: Failure) -> Result<(), StoreError> {
+        let rec = FailureRecord {
+            campaign_id: msg.campaign_id.clone(),
+            shard_id: msg.shard_id.clone(),
+            sample_id: f.sample.as_ref().map(|s| s.0.clone()),
+            sample_index: f.sample.map(|s| s.1),
+            input_uri: f.input_uri,
+            cause: f.cause,
+            class: f.class.to_string(),
+            worker_id: self.cfg.worker_id.clone(),
+            deliveries: f.deliveries,
+            at: Utc::now(),
+        };
+        let store = self.store(&msg.output).await?;
+        let body = Bytes::from(serde_json::to_vec_pretty(&rec).expect("record serializes"));
+        let key = layout::failure(&msg.campaign_id, &msg.shard_id);
+        retry(
+            self.cfg.retry,
+            "writing a failure record",
+            StoreError::is_transient,
+            || store.put(&key, body.clone(), "application/json"),
+        )
+        .await
+        .map(|_| ())
+    }
+}
+
+impl JobHandler for Worker {
+    fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    fn policy(&self) -> DeliveryPolicy {
+        DeliveryPolicy {
+            delivery_limit: self.cfg.delivery_limit,
+            retry: self.cfg.retry,
+        }
+    }
+
+    fn run<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, Result<Outcome, JobError>> {
+        match job {
+            Job::Generate(m) => Box::pin(self.process(m)),
+        }
+    }
+
+    fn record_failure<'a>(
+        &'a self,
+        job: &'a Job,
+        failure: Failure,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        match job {
+            Job::Generate(m) => Box::pin(self.write_failure(m, failure)),
+        }
     }
 }
 
@@ -939,8 +622,8 @@ fn row(
     }
 }
 
-fn image_err(e: ImageError, s: &SampleSpec, uri: &str) -> ShardError {
-    ShardError::Permanent {
+fn image_err(e: ImageError, s: &SampleSpec, uri: &str) -> JobError {
+    JobError::Permanent {
         sample: Some((s.sample_id.clone(), s.index)),
         input_uri: Some(uri.to_string()),
         cause: format!("sample {} (#{}): {e}", s.sample_id, s.index),
@@ -954,7 +637,7 @@ fn compute(
     inputs: Vec<Inputs>,
     gens: &BTreeMap<&'static str, Arc<dyn Generator>>,
     aux: &MaskAux,
-) -> Result<Vec<Computed>, ShardError> {
+) -> Result<Vec<Computed>, JobError> {
     let mut normals: Vec<RgbImage> = vec![];
     let mut masks_v: Vec<GrayImage> = vec![];
     let mut textures: Vec<Option<RgbImage>> = vec![];
@@ -1019,7 +702,7 @@ fn compute(
                 m
             }
             (MaskSource::Real | MaskSource::Folder | MaskSource::Bank, _, _) => {
-                return Err(ShardError::Permanent {
+                return Err(JobError::Permanent {
                     sample: Some((s.sample_id.clone(), s.index)),
                     input_uri: None,
                     cause: format!(
@@ -1033,7 +716,7 @@ fn compute(
             (MaskSource::Scar, _, _) => masks::scar_mask(w, h, &t.settings.cutpaste, &mut rng),
         };
         let (mask, placement) = constrain(&normal, mask, &t.settings.placement, aux, &mut rng)
-            .map_err(|cause| ShardError::Permanent {
+            .map_err(|cause| JobError::Permanent {
                 sample: Some((s.sample_id.clone(), s.index)),
                 input_uri: t.settings.placement.mask_file.clone(),
                 cause: format!("sample {} (#{}): {cause}", s.sample_id, s.index),
@@ -1059,7 +742,7 @@ fn compute(
                 );
                 let m = imaging::resize_mask(&mask, ww, wh);
                 if imaging::mask_stats(&m).area == 0 {
-                    return Err(ShardError::Permanent {
+                    return Err(JobError::Permanent {
                         sample: Some((s.sample_id.clone(), s.index)),
                         input_uri: s.mask_uri.clone(),
                         cause: format!(
@@ -1102,16 +785,16 @@ fn compute(
             .collect();
         let t = Instant::now();
         let out = g.generate(&batch).map_err(|e| match e {
-            GenError::Input(c) => ShardError::Permanent {
+            GenError::Input(c) => JobError::Permanent {
                 sample: None,
                 input_uri: None,
                 cause: c,
             },
-            GenError::Transient(c) => ShardError::Transient(c),
+            GenError::Transient(c) => JobError::Transient(c),
         })?;
         let micros = t.elapsed().as_micros() as u64 / idx.len().max(1) as u64;
         if out.len() != idx.len() {
-            return Err(ShardError::Transient(format!(
+            return Err(JobError::Transient(format!(
                 "generator {gname} returned {} images for {}",
                 out.len(),
                 idx.len()
@@ -1119,7 +802,7 @@ fn compute(
         }
         for (&i, img) in idx.iter().zip(out) {
             if img.dimensions() != normals[i].dimensions() {
-                return Err(ShardError::Transient(format!(
+                return Err(JobError::Transient(format!(
                     "generator {gname} returned a {}x{} image for a {}x{} input",
                     img.width(),
                     img.height(),
@@ -1143,10 +826,10 @@ fn compute(
         let change = imaging::change_inside_outside(&normals[i], &final_img, &masks_v[i]);
         let psnr = imaging::background_psnr(&normals[i], &final_img, &masks_v[i]);
         // encoding and hashing stay on this blocking thread, off the async runtime
-        let image_png = imaging::encode_png_rgb(&final_img)
-            .map_err(|e| ShardError::Transient(e.to_string()))?;
+        let image_png =
+            imaging::encode_png_rgb(&final_img).map_err(|e| JobError::Transient(e.to_string()))?;
         let mask_png = imaging::encode_png_gray(&masks_v[i])
-            .map_err(|e| ShardError::Transient(e.to_string()))?;
+            .map_err(|e| JobError::Transient(e.to_string()))?;
         out.push(Computed {
             image_sha256: ids::sha256_hex(&image_png),
             mask_sha256: ids::sha256_hex(&mask_png),
@@ -1173,7 +856,7 @@ fn compute(
 fn learned_masks_of(
     msg: &ShardMessage,
     aux: &MaskAux,
-) -> Result<HashMap<usize, generators::learned_masks::LearnedMask>, ShardError> {
+) -> Result<HashMap<usize, generators::learned_masks::LearnedMask>, JobError> {
     let mut by_type: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
     for (i, s) in msg.samples.iter().enumerate() {
         if msg.types[s.type_idx as usize].mask_source == MaskSource::Generated {
@@ -1184,7 +867,7 @@ fn learned_masks_of(
     for (ti, idx) in by_type {
         let t = &msg.types[ti as usize];
         let m = aux.models.get(&ti).ok_or_else(|| {
-            ShardError::Transient(format!(
+            JobError::Transient(format!(
                 "mask model of {}/{} not loaded",
                 t.category, t.defect_type
             ))
@@ -1210,7 +893,7 @@ fn learned_masks_of(
         .map_err(|f| {
             let sample = f.index.map(|k| &msg.samples[idx[k]]);
             match f.error {
-                GenError::Input(c) => ShardError::Permanent {
+                GenError::Input(c) => JobError::Permanent {
                     sample: sample.map(|s| (s.sample_id.clone(), s.index)),
                     input_uri: None,
                     cause: match sample {
@@ -1221,7 +904,7 @@ fn learned_masks_of(
                         None => format!("{}/{}: {c}", t.category, t.defect_type),
                     },
                 },
-                GenError::Transient(c) => ShardError::Transient(c),
+                GenError::Transient(c) => JobError::Transient(c),
             }
         })?;
         tracing::info!(
@@ -1250,11 +933,12 @@ fn constrain(
 ) -> Result<(GrayImage, MaskPlacement), String> {
     use defectforge::foreground;
     let (w, h) = normal.dimensions();
-    let fg = match (p.mode.as_str(), &p.mask_file) {
-        ("estimate", _) => {
+    use defectforge::campaign::PlacementMode;
+    let fg = match (p.mode, &p.mask_file) {
+        (PlacementMode::Estimate, _) => {
             foreground::estimate_foreground(normal, &foreground::ForegroundParams::default()).mask
         }
-        ("file", Some(f)) => {
+        (PlacementMode::File, Some(f)) => {
             let m = aux
                 .foreground_masks
                 .get(f)
@@ -1284,52 +968,4 @@ fn constrain(
             attempts: None,
         },
     ))
-}
-
-/// How a consume loop ended without error.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LoopEnd {
-    /// the queue was closed and drained (embedded mode)
-    Drained,
-    /// shutdown was requested (SIGTERM); the current shard was finished first
-    Shutdown,
-    /// no delivery arrived within the idle limit
-    Idle,
-}
-
-/// Consumes until drained, shut down, idle, or an error. Shutdown is checked between shards,
-/// never during one: a started shard always finishes, commits and acks.
-pub async fn consume_loop(
-    worker: &Worker,
-    queue: &dyn JobQueue,
-    prefetch: u16,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
-    idle_exit: Option<Duration>,
-) -> Result<LoopEnd, WorkerError> {
-    let mut consumer = queue.consume(prefetch).await?;
-    worker.counters.consumers.fetch_add(1, Ordering::Relaxed);
-    let _attached = Attached(&worker.counters);
-    loop {
-        if *shutdown.borrow() {
-            return Ok(LoopEnd::Shutdown);
-        }
-        let next = async {
-            match idle_exit {
-                Some(d) => tokio::time::timeout(d, consumer.next()).await.ok(),
-                None => Some(consumer.next().await),
-            }
-        };
-        let d = tokio::select! {
-            _ = shutdown.changed() => return Ok(LoopEnd::Shutdown),
-            d = next => d,
-        };
-        match d {
-            None => return Ok(LoopEnd::Idle),
-            Some(Ok(None)) => return Ok(LoopEnd::Drained),
-            Some(Err(e)) => return Err(e.into()),
-            Some(Ok(Some(d))) => {
-                worker.handle(d).await?;
-            }
-        }
-    }
 }

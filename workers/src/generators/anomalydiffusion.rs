@@ -13,7 +13,7 @@
 
 use std::sync::Arc;
 
-use defectforge::campaign::{AnomalyDiffusionSettings, GeneratorSettings};
+use defectforge::campaign::{GeneratorSettings, Reweighting, SamplerKey, SpatialBn, ThinDefects};
 use defectforge_engine::anomaly::{AarMode, SamplerOptions};
 use defectforge_engine::spatial::BnMode;
 use defectforge_engine::{candle, DType, PerSampleNoise, Tensor};
@@ -37,10 +37,20 @@ impl AnomalyDiffusionGenerator {
     }
 }
 
-fn model_uri(s: &AnomalyDiffusionSettings) -> Result<&str, GenError> {
-    s.model.as_deref().ok_or_else(|| {
+fn model_uri(model: Option<&str>) -> Result<&str, GenError> {
+    model.ok_or_else(|| {
         GenError::Input("anomalydiffusion.model is not set (the campaign names no model)".into())
     })
+}
+
+/// The engine's re-weighting mode for a campaign's.
+fn aar_mode(r: Reweighting) -> AarMode {
+    match r {
+        Reweighting::Off => AarMode::Off,
+        Reweighting::Official => AarMode::Official,
+        Reweighting::Legacy => AarMode::Legacy,
+        Reweighting::Paper => AarMode::Paper,
+    }
 }
 
 fn engine_err(e: defectforge_engine::EngineError) -> GenError {
@@ -190,7 +200,7 @@ impl Generator for AnomalyDiffusionGenerator {
 
     async fn prepare(&self, settings: &GeneratorSettings) -> Result<(), GenError> {
         let s = &settings.anomalydiffusion;
-        let uri = model_uri(s)?;
+        let uri = model_uri(s.model.as_deref())?;
         let m = self.models.get(uri).await.map_err(|e| {
             if e.is_transient() {
                 GenError::Transient(format!("loading model {uri}: {e}"))
@@ -226,37 +236,33 @@ impl Generator for AnomalyDiffusionGenerator {
                 .and_then(|u| self.models.loaded(u))
                 .map(|m| m.manifest.digest.clone()),
             diffusion_steps: Some(s.steps),
-            reweighting: Some(s.reweighting.clone()),
+            reweighting: Some(s.reweighting.to_string()),
         }
     }
 
     fn generate(&self, batch: &[GenInput<'_>]) -> Result<Vec<RgbImage>, GenError> {
-        // Sub-batches share a model and sampler settings; the results keep the input order.
-        let mut groups: Vec<(&AnomalyDiffusionSettings, Vec<usize>)> = Vec::new();
+        // Sub-batches share one sampler call (the whole `SamplerKey`: model, steps, eta,
+        // re-weighting, BatchNorm mode, thin-defect handling); everything else (embedding,
+        // prompt, background paste, feather, full resolution) is each sample's own. The
+        // results keep the input order.
+        let mut groups: Vec<(SamplerKey, Vec<usize>)> = Vec::new();
         for (i, inp) in batch.iter().enumerate() {
-            let s = &inp.settings.anomalydiffusion;
-            match groups.iter_mut().find(|(g, _)| {
-                g.model == s.model
-                    && g.steps == s.steps
-                    && g.eta == s.eta
-                    && g.reweighting == s.reweighting
-                    && g.spatial_bn == s.spatial_bn
-            }) {
+            let key = inp.settings.anomalydiffusion.sampler_key();
+            match groups.iter_mut().find(|(g, _)| *g == key) {
                 Some((_, v)) => v.push(i),
-                None => groups.push((s, vec![i])),
+                None => groups.push((key, vec![i])),
             }
         }
         let mut out: Vec<Option<RgbImage>> = (0..batch.len()).map(|_| None).collect();
-        for (s, idx) in groups {
-            let uri = model_uri(s)?;
+        for (key, idx) in groups {
+            let uri = model_uri(key.model.as_deref())?;
             let model = self.models.loaded(uri).ok_or_else(|| {
                 GenError::Transient(format!("model {uri} was not prepared before generating"))
             })?;
-            let aar: AarMode = s.reweighting.parse().map_err(GenError::Input)?;
-            let bn = if s.spatial_bn == "batch" {
-                BnMode::Batch
-            } else {
-                BnMode::Eval
+            let aar = aar_mode(key.reweighting);
+            let bn = match key.spatial_bn {
+                SpatialBn::Batch => BnMode::Batch,
+                SpatialBn::Eval => BnMode::Eval,
             };
             let size = WORKING_SIZE;
             let mut normals = Vec::with_capacity(idx.len());
@@ -266,6 +272,7 @@ impl Generator for AnomalyDiffusionGenerator {
             let mut seeds = Vec::with_capacity(idx.len());
             for &i in &idx {
                 let inp = &batch[i];
+                let s = &inp.settings.anomalydiffusion;
                 let (n, m) = if inp.normal.dimensions() == (size, size) {
                     (inp.normal.clone(), inp.mask.clone())
                 } else {
@@ -290,11 +297,9 @@ impl Generator for AnomalyDiffusionGenerator {
                 }
                 normals.push(n);
                 masks.push(m);
-                prompts.push(if s.prompt == "random" {
+                prompts.push(s.prompt.render(&model.model.placeholder, || {
                     model.model.random_prompt(inp.seed)
-                } else {
-                    s.prompt.replace('*', &model.model.placeholder)
-                });
+                }));
                 names.push(
                     s.embedding
                         .clone()
@@ -304,12 +309,12 @@ impl Generator for AnomalyDiffusionGenerator {
             }
             let (x, m) = to_tensors(&normals, &masks, &model)?;
             let opts = SamplerOptions {
-                steps: s.steps as usize,
-                eta: s.eta as f64,
+                steps: key.steps as usize,
+                eta: key.eta() as f64,
                 aar,
             };
             let mut noise = PerSampleNoise::new(&seeds);
-            let dilate = s.thin_defects == "dilate";
+            let dilate = key.thin_defects == ThinDefects::Dilate;
             let region = if dilate {
                 Some(
                     defectforge_engine::anomaly::block_fill(&m, LATENT_FACTOR)
@@ -334,6 +339,7 @@ impl Generator for AnomalyDiffusionGenerator {
             let images = to_images(&decoded)?;
             for ((k, &i), img) in idx.iter().enumerate().zip(images) {
                 let inp = &batch[i];
+                let s = &inp.settings.anomalydiffusion;
                 let img = if s.full_resolution {
                     // full_resolution: upsample and composite into the original.
                     let (w, h) = inp.normal.dimensions();

@@ -147,11 +147,8 @@ pub fn sample_accepted(
         let prompts: Vec<String> = noise_seeds
             .iter()
             .map(|&ns| {
-                if s.prompt == "random" {
-                    model.random_prompt(ns)
-                } else {
-                    s.prompt.replace('*', &model.placeholder)
-                }
+                s.prompt
+                    .render(&model.placeholder, || model.random_prompt(ns))
             })
             .collect();
         let names = vec![name.to_string(); chunk.len()];
