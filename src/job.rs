@@ -20,15 +20,18 @@ pub const JOB_VERSION: u32 = MESSAGE_VERSION;
 pub enum JobKind {
     /// one shard of a generation campaign ([`ShardMessage`])
     Generate,
+    /// one chunk of a mask bank ([`MaskBankJob`])
+    MaskBank,
 }
 
 impl JobKind {
     /// Every kind this build reads, as written in messages.
-    pub const NAMES: &'static [&'static str] = &["generate"];
+    pub const NAMES: &'static [&'static str] = &["generate", "mask_bank"];
 
     pub fn as_str(self) -> &'static str {
         match self {
             JobKind::Generate => "generate",
+            JobKind::MaskBank => "mask_bank",
         }
     }
 }
@@ -39,16 +42,63 @@ impl std::fmt::Display for JobKind {
     }
 }
 
+/// One chunk of a mask bank: identities only. The work (model, seed, settings, which masks)
+/// comes from the bank run's record, `<bank>/.runs/<run_id>/run.json`, written before any of
+/// its jobs is published.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MaskBankJob {
+    /// the bank root (a directory or s3://bucket/prefix)
+    pub bank: String,
+    pub run_id: String,
+    /// `<category>+<defect>`
+    pub type_name: String,
+    /// chunk number within the type's masks to draw
+    pub chunk: u64,
+}
+
+impl MaskBankJob {
+    /// `<run_id>/<type>/<chunk>`, for logs and failure records.
+    pub fn id(&self) -> String {
+        format!("{}/{}/{:06}", self.run_id, self.type_name, self.chunk)
+    }
+
+    fn check(self) -> Result<Self, MessageError> {
+        let bad = |reason: String| MessageError::Inconsistent {
+            shard: format!("{}/{}", self.run_id, self.type_name),
+            reason,
+        };
+        if !crate::ids::is_safe_campaign_id(&self.run_id) {
+            return Err(bad(format!(
+                "bank run id {:?} is not key-safe",
+                self.run_id
+            )));
+        }
+        match self.type_name.split_once('+') {
+            Some((c, d))
+                if crate::campaign::is_safe_name(c) && crate::campaign::is_safe_name(d) => {}
+            _ => {
+                return Err(bad(format!(
+                    "type {:?} is not <category>+<defect>",
+                    self.type_name
+                )))
+            }
+        }
+        Ok(self)
+    }
+}
+
 /// One queue message.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Job {
     Generate(ShardMessage),
+    MaskBank(MaskBankJob),
 }
 
 impl Job {
     pub fn kind(&self) -> JobKind {
         match self {
             Job::Generate(_) => JobKind::Generate,
+            Job::MaskBank(_) => JobKind::MaskBank,
         }
     }
 
@@ -57,26 +107,31 @@ impl Job {
     pub fn id(&self) -> String {
         match self {
             Job::Generate(m) => m.message_id(),
+            Job::MaskBank(j) => j.id(),
         }
     }
 
-    /// What the job's progress is counted in (samples of a generation shard).
+    /// What the job's progress is counted in, as far as the message says (samples of a
+    /// generation shard; a bank chunk's size is in its run record).
     pub fn units(&self) -> u64 {
         match self {
             Job::Generate(m) => m.samples.len() as u64,
+            Job::MaskBank(_) => 0,
         }
     }
 
-    /// The run the job belongs to (a campaign id), for metrics.
+    /// The run the job belongs to (a campaign or bank run id), for metrics.
     pub fn group(&self) -> &str {
         match self {
             Job::Generate(m) => &m.campaign_id,
+            Job::MaskBank(j) => &j.run_id,
         }
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut o = match self {
             Job::Generate(m) => serde_json::to_value(m),
+            Job::MaskBank(j) => serde_json::to_value(j),
         }
         .expect("jobs serialize");
         let map = o.as_object_mut().expect("a job is a JSON object");
@@ -100,6 +155,11 @@ impl Job {
         }
         match peek.kind.as_deref() {
             None | Some("generate") => Ok(Job::Generate(ShardMessage::from_bytes(b)?)),
+            Some("mask_bank") => {
+                let j: MaskBankJob = serde_json::from_slice(b)
+                    .map_err(|e| MessageError::Malformed(e.to_string()))?;
+                Ok(Job::MaskBank(j.check()?))
+            }
             Some(other) => Err(MessageError::UnknownKind {
                 kind: other.to_string(),
             }),
@@ -122,8 +182,24 @@ mod tests {
         // a v2 shard message (no kind) is still read
         let mut old = serde_json::to_value(&m).unwrap();
         old["v"] = 2.into();
-        let Job::Generate(back) = Job::from_bytes(&serde_json::to_vec(&old).unwrap()).unwrap();
+        let Ok(Job::Generate(back)) = Job::from_bytes(&serde_json::to_vec(&old).unwrap()) else {
+            panic!("a v2 message is a generation shard")
+        };
         assert_eq!(back.shard_id, m.shard_id);
+        let bank = Job::MaskBank(MaskBankJob {
+            bank: "s3://b/bank".into(),
+            run_id: "bank-0123456789abcdef".into(),
+            type_name: "bottle+broken_large".into(),
+            chunk: 3,
+        });
+        let v: serde_json::Value = serde_json::from_slice(&bank.to_bytes()).unwrap();
+        assert_eq!(v["kind"], "mask_bank");
+        assert_eq!(Job::from_bytes(&bank.to_bytes()).unwrap(), bank);
+        let Job::MaskBank(mut evil) = bank else {
+            unreachable!()
+        };
+        evil.type_name = "../x".into();
+        assert!(Job::from_bytes(&Job::MaskBank(evil).to_bytes()).is_err());
     }
 
     #[test]

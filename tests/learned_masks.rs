@@ -456,3 +456,183 @@ model = "{uri}"
         "{err}"
     );
 }
+
+/// Reads every mask of a bank: (type, provenance entries without timestamps, PNG bytes).
+async fn bank_contents(
+    st: &dyn defectforge::ObjectStore,
+    types: &[&str],
+) -> Vec<(String, serde_json::Value, Vec<Vec<u8>>)> {
+    let mut out = vec![];
+    for t in types {
+        let dir = t.replace('+', "/");
+        let p = provenance(&st.get(&format!("{dir}/provenance.json")).await.unwrap());
+        let mut pngs = vec![];
+        for m in p["masks"].as_array().unwrap() {
+            let f = m["file"].as_str().unwrap();
+            pngs.push(st.get(&format!("{dir}/{f}")).await.unwrap().to_vec());
+        }
+        let keep = serde_json::json!({
+            "masks": p["masks"],
+            "stats": p["stats"],
+            "rejection_rate": p["rejection_rate"],
+            "settings": p["settings"],
+            "model_digest": p["model_digest"],
+            "bank_seed": p["bank_seed"],
+            "embedding": p["embedding"],
+        });
+        out.push((t.to_string(), keep, pngs));
+    }
+    out
+}
+
+/// A bank is a job kind on the shared queue: two workers fill it through RabbitMQ + S3, one of
+/// them killed mid-bank, and the result equals the embedded bank byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bank_filled_by_the_fleet_equals_the_embedded_bank_even_when_a_worker_dies() {
+    let Some(fx) = fixtures() else { return };
+    let sc = Scenario::new("bank-fleet");
+    let models = sc.s3_uri("models");
+    let mask_pt = fx.join("anomalydiffusion-tiny/mask_embeddings.pt");
+    let uri = import_fixture_model(
+        &sc,
+        &fx,
+        &models,
+        &[
+            "--mask-embeddings",
+            &format!("bottle+broken_large={}", mask_pt.display()),
+            "--mask-embeddings",
+            &format!("wood+scratch={}", mask_pt.display()),
+        ],
+    );
+    let types = ["bottle+broken_large", "wood+scratch"];
+    let args = |to: &str, cache: &str| -> Vec<String> {
+        [
+            "masks",
+            "generate",
+            "--model",
+            &uri,
+            "--types",
+            &types.join(","),
+            "--count",
+            "8",
+            "--steps",
+            "10",
+            "--batch",
+            "2",
+            "--chunk",
+            "2",
+            "--seed",
+            "3",
+            "--to",
+            to,
+            "--model-cache",
+            cache,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let embedded = sc.s3_uri("bank-embedded");
+    let cache = sc.dir.path().join("cache-cli");
+    let a: Vec<String> = args(&embedded, cache.to_str().unwrap());
+    sc.ok(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+
+    // The fleet: workers a and b; a is killed (SIGKILL) once the first chunk is committed, and
+    // c takes its place.
+    let worker = |tag: &str| {
+        sc.worker(
+            tag,
+            &[
+                "--model-cache",
+                sc.dir.path().join(format!("cache-{tag}")).to_str().unwrap(),
+                "--http-addr",
+                "off",
+                "--idle-exit-s",
+                "60",
+            ],
+        )
+    };
+    let (mut wa, mut wb) = (worker("a"), worker("b"));
+    let fleet = sc.s3_uri("bank-fleet");
+    let mut f = args(&fleet, cache.to_str().unwrap());
+    f.extend(["--submit".into(), "--timeout-s".into(), "300".into()]);
+    let cli = sc
+        .cmd("defectforge")
+        .args(&f)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let st = sc.store(&fleet).await;
+    let t0 = std::time::Instant::now();
+    loop {
+        let commits = st
+            .list(".runs/")
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|o| o.key.contains("/chunks/") && o.key.ends_with(".json"))
+            .count();
+        if commits > 0 {
+            break;
+        }
+        assert!(t0.elapsed().as_secs() < 240, "no bank chunk committed");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    wa.kill().unwrap();
+    wa.wait().unwrap();
+    let mut wc = worker("c");
+    let out = tokio::task::spawn_blocking(move || cli.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "masks generate --submit failed: {err}"
+    );
+    assert!(err.contains("on the worker fleet"), "{err}");
+    for w in [&mut wb, &mut wc] {
+        kill_term(w);
+    }
+    // Both surviving workers' logs and the commit records say who did the work.
+    let commits: Vec<serde_json::Value> = {
+        let mut v = vec![];
+        for o in st.list(".runs/").await.unwrap() {
+            if o.key.contains("/chunks/") && o.key.ends_with(".json") {
+                v.push(serde_json::from_slice(&st.get(&o.key).await.unwrap()).unwrap());
+            }
+        }
+        v
+    };
+    assert_eq!(
+        commits.len(),
+        8,
+        "one commit per chunk (2 types x 4 chunks)"
+    );
+    let st_e = sc.store(&embedded).await;
+    let e = bank_contents(st_e.as_ref(), &types).await;
+    let f = bank_contents(st.as_ref(), &types).await;
+    for ((te, pe, me), (tf, pf, mf)) in e.iter().zip(&f) {
+        assert_eq!(te, tf);
+        assert_eq!(me.len(), 8, "{te}: 8 masks");
+        assert_eq!(
+            pe, pf,
+            "{te}: the fleet's provenance differs from the embedded one"
+        );
+        assert!(
+            me == mf,
+            "{te}: the fleet's masks differ from the embedded ones"
+        );
+    }
+    // Staged copies are removed once merged; the bank's own files are what campaigns read.
+    assert!(!st
+        .list(".runs/")
+        .await
+        .unwrap()
+        .iter()
+        .any(|o| o.key.ends_with(".png")));
+    // Running the same command again finds the bank complete and draws nothing.
+    let again = sc.ok(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    assert_eq!(again.trim(), embedded);
+}

@@ -578,10 +578,145 @@ fn as_flag(problem: &str) -> String {
     )
 }
 
-/// `masks generate`: samples (or completes) a mask bank and reports the rejection rates.
+/// Publishes a bank run's uncommitted jobs and waits until each is committed or failed.
+async fn run_bank_jobs(
+    dest: &str,
+    run: &defectforge_worker::bank::BankRun,
+    root: &dyn ObjectStore,
+    how: &BankRunArgs,
+    s3: &S3Config,
+) -> Result<defectforge_worker::bank::RunProgress> {
+    use defectforge::job::MaskBankJob;
+    use defectforge_worker::bank;
+    let before = bank::progress(root, run).await?;
+    // chunks failed by an earlier run are retried
+    for (t, k) in &before.pending {
+        root.delete(&format!(
+            "{}/{}/failures/{t}-{k:06}.json",
+            bank::RUNS,
+            run.run_id
+        ))
+        .await?;
+    }
+    let jobs: Vec<Vec<u8>> = before
+        .pending
+        .iter()
+        .map(|(t, k)| {
+            Job::MaskBank(MaskBankJob {
+                bank: dest.to_string(),
+                run_id: run.run_id.clone(),
+                type_name: t.clone(),
+                chunk: *k,
+            })
+            .to_bytes()
+        })
+        .collect();
+    eprintln!(
+        "{}: drawing {} masks of {} type(s) in {} job(s){}",
+        run.run_id,
+        run.total() - before.masks,
+        run.types.len(),
+        jobs.len(),
+        if how.submit.is_some() {
+            " on the worker fleet"
+        } else {
+            ""
+        }
+    );
+    let pb = bar(run.total(), "masks");
+    pb.set_position(before.masks);
+    let wait_store = || async {
+        let deadline =
+            (how.timeout_s > 0).then(|| Instant::now() + Duration::from_secs(how.timeout_s));
+        loop {
+            let p = bank::progress(root, run).await?;
+            pb.set_position(p.masks);
+            let failed =
+                |t: &str, k: u64| p.failures.iter().any(|f| f.type_name == t && f.chunk == k);
+            if p.pending.iter().all(|(t, k)| failed(t, *k)) {
+                return Ok::<_, anyhow::Error>(p);
+            }
+            if deadline.is_some_and(|d| Instant::now() > d) {
+                bail!(
+                    "{}: {} of {} jobs still running after {} s; they stay queued — run the same command again to wait for them and complete the bank",
+                    run.run_id,
+                    p.pending.len(),
+                    p.pending.len() + p.committed.len(),
+                    how.timeout_s
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    };
+    let done = match &how.submit {
+        Some(amqp) => {
+            if !jobs.is_empty() {
+                let q = AmqpQueue::connect(amqp.config("defectforge-coordinator")).await?;
+                q.publish(jobs).await.map_err(|e| {
+                    anyhow!("{e}; run the same command again once the broker is back")
+                })?;
+                q.close().await;
+            }
+            wait_store().await?
+        }
+        None => {
+            const EMBEDDED_DELIVERY_LIMIT: u64 = 3;
+            let q = InProcQueue::new(EMBEDDED_DELIVERY_LIMIT);
+            q.publish(jobs).await?;
+            q.close_when_drained();
+            let worker = Arc::new(Worker::new(WorkerConfig {
+                worker_id: format!("embedded-{}", std::process::id()),
+                s3: s3.clone(),
+                delivery_limit: EMBEDDED_DELIVERY_LIMIT,
+                model_cache: how.model_cache.clone(),
+                ..WorkerConfig::default()
+            }));
+            let (_tx, rx) = tokio::sync::watch::channel(false);
+            let mut tasks = vec![];
+            for _ in 0..how.workers.max(1) {
+                let (w, q, rx) = (worker.clone(), q.clone(), rx.clone());
+                tasks.push(tokio::spawn(async move {
+                    consume_loop(w.as_ref(), &q, 1, rx, None).await
+                }));
+            }
+            let all = futures_util::future::join_all(tasks);
+            tokio::pin!(all);
+            let results = loop {
+                tokio::select! {
+                    r = &mut all => break r,
+                    _ = tokio::time::sleep(Duration::from_millis(300)) => {
+                        pb.set_position(before.masks + worker.counters.samples_committed.load(Ordering::Relaxed));
+                    }
+                }
+            };
+            for r in results {
+                r.context("worker task panicked")??;
+            }
+            bank::progress(root, run).await?
+        }
+    };
+    pb.finish_and_clear();
+    Ok(done)
+}
+
+/// How `masks generate` runs a bank's jobs.
+pub struct BankRunArgs {
+    /// masks per job
+    pub chunk: u64,
+    /// publish to this broker for the fleet (otherwise embedded)
+    pub submit: Option<AmqpArgs>,
+    /// embedded: workers in this process
+    pub workers: usize,
+    /// --submit: seconds to wait (0: until done)
+    pub timeout_s: u64,
+    pub model_cache: std::path::PathBuf,
+}
+
+/// `masks generate`: samples (or completes) a mask bank through `mask_bank` jobs (embedded or
+/// on the fleet) and reports the rejection rates.
 pub async fn masks_generate(
     req: defectforge_worker::bank::BankRequest,
-    model_cache: std::path::PathBuf,
+    how: BankRunArgs,
     json: bool,
     s3: &S3Config,
 ) -> Result<i32> {
@@ -596,27 +731,37 @@ pub async fn masks_generate(
                 .join("\n  ")
         );
     }
+    use defectforge_worker::bank;
     let t0 = Instant::now();
-    let cache = defectforge_worker::models::ModelCache::new(model_cache, s3.clone());
-    let pb = bar(req.count * req.types.len() as u64, "masks");
-    let base = std::sync::Mutex::new(std::collections::BTreeMap::<String, u64>::new());
-    let progress = |t: &str, done: u64, _total: u64| {
-        let mut b = base.lock().expect("progress");
-        b.insert(t.to_string(), done);
-        pb.set_position(b.values().sum());
-    };
-    let provs = match defectforge_worker::bank::generate(&req, &cache, s3, &progress).await {
-        Ok(p) => p,
-        Err(e @ defectforge_worker::bank::BankError::Invalid(_)) => {
-            return Err(anyhow!(e).context("mask bank generation failed"))
+    let (run, root) = bank::prepare(
+        &req,
+        s3,
+        how.chunk,
+        defectforge::campaign::DEFAULT_SHARD_TIME_LIMIT_S,
+    )
+    .await
+    .context("mask bank generation failed")?;
+    let provs = if run.total() == 0 {
+        bank::provenances(root.as_ref(), &run).await?
+    } else {
+        let done = run_bank_jobs(&req.dest, &run, root.as_ref(), &how, s3).await?;
+        // committed chunks join the bank even when others failed: nothing drawn is lost
+        let provs = bank::merge(root.as_ref(), &run)
+            .await
+            .context("merging the bank's committed chunks failed (run the command again)")?;
+        if !done.failures.is_empty() {
+            let list: Vec<String> = done
+                .failures
+                .iter()
+                .map(|f| format!("{} chunk {}: {}", f.type_name, f.chunk, f.cause))
+                .collect();
+            bail!(
+                "mask bank generation failed (the masks drawn are in the bank; run again to complete it):\n  {}",
+                list.join("\n  ")
+            );
         }
-        Err(e) => {
-            return Err(anyhow!(e).context(
-                "mask bank generation failed (masks already written are kept; run again to complete the bank)",
-            ))
-        }
+        provs
     };
-    pb.finish_and_clear();
     for p in &provs {
         let thin = p.masks.iter().filter(|m| m.thin).count();
         let extra = p.masks.len() as u64 > req.count;

@@ -205,6 +205,22 @@ enum MasksCmd {
         /// also reject masks that vanish at the 32x32 latent grid
         #[arg(long, env = "DEFECTFORGE_MASK_REJECT_THIN")]
         reject_thin: bool,
+        /// masks per job (rounded up to whole --batch batches)
+        #[arg(long, env = "DEFECTFORGE_MASK_CHUNK", default_value_t = defectforge_worker::bank::DEFAULT_CHUNK)]
+        chunk: u64,
+        /// publish the bank's jobs to the broker for the worker fleet and wait for them, instead
+        /// of sampling in this process (embedded)
+        #[arg(long, env = "DEFECTFORGE_MASK_SUBMIT")]
+        submit: bool,
+        /// embedded: sampling workers in this process
+        #[arg(long, env = "DEFECTFORGE_MASK_WORKERS", default_value_t = 1)]
+        workers: usize,
+        /// --submit: give up waiting after this many seconds (0: wait until done); the jobs stay
+        /// queued and running the command again continues the bank
+        #[arg(long, env = "DEFECTFORGE_MASK_TIMEOUT_S", default_value_t = 0)]
+        timeout_s: u64,
+        #[command(flatten)]
+        amqp: AmqpArgs,
         /// local model cache
         #[arg(long, env = "DEFECTFORGE_MODEL_CACHE", default_value_os_t = defectforge_worker::models::default_cache_dir())]
         model_cache: PathBuf,
@@ -360,6 +376,11 @@ async fn main() {
                     batch,
                     prompt,
                     reject_thin,
+                    chunk,
+                    submit,
+                    workers,
+                    timeout_s,
+                    amqp,
                     model_cache,
                     json,
                     s3,
@@ -385,7 +406,14 @@ async fn main() {
                 settings,
                 dest: to,
             };
-            commands::masks_generate(req, model_cache, json, &s3.config()).await
+            let how = commands::BankRunArgs {
+                chunk,
+                submit: submit.then_some(amqp),
+                workers,
+                timeout_s,
+                model_cache,
+            };
+            commands::masks_generate(req, how, json, &s3.config()).await
         }
         Cmd::Models {
             cmd: ModelsCmd::Show { model, s3 },

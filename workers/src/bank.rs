@@ -8,14 +8,22 @@
 //! and the draw statistics with the rejection rate).
 //!
 //! Mask `i` of a type is drawn from a seed derived from (bank seed, type, i), so a bank is
-//! reproducible, and generating again with a larger count only adds the missing masks: every
-//! mask is uploaded as soon as it is accepted and the provenance after every batch, so an
-//! interrupted run loses at most the batch in flight.
+//! reproducible, and generating again with a larger count only adds the missing masks.
+//!
+//! A bank is filled by `mask_bank` jobs on the shared queue (or in-process, embedded), like a
+//! campaign: `prepare` writes the run record `.runs/<run_id>/run.json` (the masks still to
+//! draw, per type, in chunks of whole sampling batches); each job draws one chunk, writes its
+//! masks under attempt-unique keys and commits with `…/chunks/<type>/<chunk>/<attempt>.json`
+//! last; `merge` copies one committed attempt per chunk into the bank and writes the
+//! provenance. An interrupted run loses at most the chunks in flight, and the same command
+//! continues it. Both ways run the same chunks, so they write the same masks.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 use defectforge::campaign::{is_safe_name, MaskModelSettings};
+use defectforge::job::MaskBankJob;
+use defectforge::retry::{retry, Backoff};
 use defectforge::store::{self, ObjectStore, S3Config, StoreError};
 use defectforge::{ids, imaging};
 use serde::{Deserialize, Serialize};
@@ -25,7 +33,8 @@ use crate::generators::learned_masks::{
     embedding_name, require_mask_model, sample_accepted, DrawStats,
 };
 use crate::generators::GenError;
-use crate::models::{LoadedModel, ModelCache, ModelError};
+use crate::models::{ModelCache, ModelError};
+use crate::protocol::{Failure, JobError, Outcome};
 
 pub const PROVENANCE: &str = "provenance.json";
 const FORMAT: u32 = 1;
@@ -105,13 +114,129 @@ pub fn mask_seed(bank_seed: u64, name: &str, index: u64) -> u64 {
     u64::from_str_radix(&h[..16], 16).expect("hex")
 }
 
-/// Generates (or completes) a bank; `progress(type, done, total)` after every batch.
-pub async fn generate(
+/// Masks per bank job, by default (rounded up to whole sampling batches).
+pub const DEFAULT_CHUNK: u64 = 64;
+/// Where a bank keeps its runs: `<bank>/.runs/<run_id>/…` (campaigns read only the types'
+/// provenance files, so nothing here is mistaken for a mask).
+pub const RUNS: &str = ".runs";
+const RUN_FORMAT: u32 = 1;
+
+/// One type of a bank run: the mask indices still to draw.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunType {
+    /// `<category>+<defect>`
+    pub name: String,
+    pub category: String,
+    pub defect_type: String,
+    pub embedding: String,
+    /// mask indices to draw, in order; chunk k is `todo[k·chunk .. (k+1)·chunk]`
+    pub todo: Vec<u64>,
+}
+
+impl RunType {
+    pub fn chunks(&self, chunk: u64) -> u64 {
+        (self.todo.len() as u64).div_ceil(chunk.max(1))
+    }
+
+    /// The mask indices of chunk `k`.
+    pub fn chunk(&self, chunk: u64, k: u64) -> &[u64] {
+        let c = chunk.max(1) as usize;
+        let start = (k as usize).saturating_mul(c).min(self.todo.len());
+        &self.todo[start..(start + c).min(self.todo.len())]
+    }
+}
+
+/// `<bank>/.runs/<run_id>/run.json`: the committed record a bank run's jobs are read from,
+/// written before any job is published. The id is a digest of everything that decides the
+/// masks, so running the same command again continues the same run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BankRun {
+    pub format: u32,
+    pub run_id: String,
+    pub model: String,
+    pub model_id: String,
+    pub model_digest: String,
+    pub seed: u64,
+    pub settings: MaskModelSettings,
+    /// masks per job (a whole number of sampling batches)
+    pub chunk: u64,
+    pub time_limit_s: u64,
+    pub count: u64,
+    pub types: Vec<RunType>,
+    pub created_at: String,
+}
+
+impl BankRun {
+    /// Every job of the run.
+    pub fn jobs(&self, bank: &str) -> Vec<MaskBankJob> {
+        self.types
+            .iter()
+            .flat_map(|t| {
+                (0..t.chunks(self.chunk)).map(|k| MaskBankJob {
+                    bank: bank.to_string(),
+                    run_id: self.run_id.clone(),
+                    type_name: t.name.clone(),
+                    chunk: k,
+                })
+            })
+            .collect()
+    }
+
+    pub fn total(&self) -> u64 {
+        self.types.iter().map(|t| t.todo.len() as u64).sum()
+    }
+
+    fn run_type(&self, name: &str) -> Option<&RunType> {
+        self.types.iter().find(|t| t.name == name)
+    }
+}
+
+fn run_key(run_id: &str) -> String {
+    format!("{RUNS}/{run_id}/run.json")
+}
+
+fn chunk_prefix(run_id: &str, type_name: &str, chunk: u64) -> String {
+    format!("{RUNS}/{run_id}/chunks/{type_name}/{chunk:06}/")
+}
+
+fn failure_key(run_id: &str, type_name: &str, chunk: u64) -> String {
+    format!("{RUNS}/{run_id}/failures/{type_name}-{chunk:06}.json")
+}
+
+/// The commit record of one chunk attempt, `…/chunks/<type>/<chunk>/<attempt>.json`, written
+/// after every mask of the attempt (`…/<chunk>/<attempt>/<index>.png`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChunkCommit {
+    pub attempt: String,
+    pub worker_id: String,
+    /// the masks, `file` relative to the attempt's folder
+    pub masks: Vec<BankEntry>,
+    pub stats: DrawStats,
+    pub committed_at: String,
+}
+
+/// A dead-lettered bank job (`…/failures/<type>-<chunk>.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChunkFailure {
+    pub type_name: String,
+    pub chunk: u64,
+    pub cause: String,
+    /// "permanent" (bad input) or "exhausted" (the delivery limit)
+    pub class: String,
+    pub worker_id: String,
+    pub deliveries: u64,
+    pub at: String,
+}
+
+/// Checks a request against the model and the bank, and writes (or finds) the run record of
+/// the masks still to draw. Types whose provenance was written with other settings are
+/// refused with the difference.
+pub async fn prepare(
     req: &BankRequest,
-    models: &ModelCache,
     s3: &S3Config,
-    progress: &(dyn Fn(&str, u64, u64) + Sync),
-) -> Result<Vec<TypeProvenance>, BankError> {
+    chunk: u64,
+    time_limit_s: u64,
+) -> Result<(BankRun, Arc<dyn ObjectStore>), BankError> {
     let types = req
         .types
         .iter()
@@ -122,126 +247,430 @@ pub async fn generate(
             "no types given (--types <category>+<defect>,…)".into(),
         ));
     }
-    let model = models.get(&req.model).await?;
+    let manifest = crate::models::manifest(&req.model, s3).await?;
+    let root = store::open(&req.dest, s3).await?;
+    let mut run_types = vec![];
     for (c, d) in &types {
         let name = embedding_name(c, d, &req.settings);
-        require_mask_model(&model.manifest, &req.model, &name).map_err(BankError::Invalid)?;
+        require_mask_model(&manifest, &req.model, &name).map_err(BankError::Invalid)?;
+        let prov = read_provenance(root.as_ref(), c, d).await?;
+        if let Some(p) = &prov {
+            check_same(p, root.as_ref(), &manifest.digest, &name, req)?;
+        }
+        let have: std::collections::BTreeSet<u64> = prov
+            .iter()
+            .flat_map(|p| p.masks.iter().map(|m| m.index))
+            .collect();
+        run_types.push(RunType {
+            name: format!("{c}+{d}"),
+            category: c.clone(),
+            defect_type: d.clone(),
+            embedding: name,
+            todo: (0..req.count).filter(|i| !have.contains(i)).collect(),
+        });
     }
-    let root = store::open(&req.dest, s3).await?;
-    let mut out = vec![];
-    for (c, d) in &types {
-        out.push(generate_type(req, &model, root.as_ref(), c, d, progress).await?);
+    let batch = req.settings.batch.max(1) as u64;
+    let chunk = chunk.max(1).div_ceil(batch) * batch;
+    let mut run = BankRun {
+        format: RUN_FORMAT,
+        run_id: String::new(),
+        model: req.model.clone(),
+        model_id: manifest.id.clone(),
+        model_digest: manifest.digest.clone(),
+        seed: req.seed,
+        settings: req.settings.clone(),
+        chunk,
+        time_limit_s,
+        count: req.count,
+        types: run_types,
+        created_at: chrono::Utc::now().to_rfc3339(),
+    };
+    let identity = serde_json::json!({
+        "digest": run.model_digest,
+        "seed": run.seed,
+        "settings": run.settings,
+        "chunk": run.chunk,
+        "types": run.types,
+    });
+    let h = ids::sha256_hex(&serde_json::to_vec(&identity).expect("json"));
+    run.run_id = format!("bank-{}", &h[..16]);
+    if run.total() == 0 {
+        return Ok((run, root));
     }
-    Ok(out)
+    match root.get(&run_key(&run.run_id)).await {
+        // the same run (same digest): continue it with its own record
+        Ok(b) => {
+            let old: BankRun = serde_json::from_slice(&b).map_err(|e| {
+                BankError::Invalid(format!(
+                    "{}: not a bank run record ({e}); delete it and run again",
+                    root.uri(&run_key(&run.run_id))
+                ))
+            })?;
+            Ok((old, root))
+        }
+        Err(StoreError::NotFound { .. }) => {
+            root.put(
+                &run_key(&run.run_id),
+                Bytes::from(serde_json::to_vec_pretty(&run).expect("json")),
+                "application/json",
+            )
+            .await?;
+            Ok((run, root))
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
-async fn generate_type(
-    req: &BankRequest,
-    model: &Arc<LoadedModel>,
+async fn read_provenance(
     root: &dyn ObjectStore,
     category: &str,
     defect: &str,
-    progress: &(dyn Fn(&str, u64, u64) + Sync),
-) -> Result<TypeProvenance, BankError> {
-    let type_name = format!("{category}+{defect}");
-    let embedding = embedding_name(category, defect, &req.settings);
-    let prefix = format!("{category}/{defect}/");
-    let now = chrono::Utc::now().to_rfc3339();
-    let mut prov = match root.get(&format!("{prefix}{PROVENANCE}")).await {
+) -> Result<Option<TypeProvenance>, BankError> {
+    let key = format!("{category}/{defect}/{PROVENANCE}");
+    match root.get(&key).await {
         Ok(b) => {
             let p: TypeProvenance = serde_json::from_slice(&b).map_err(|e| {
                 BankError::Invalid(format!(
                     "{}: not a bank provenance file ({e}); delete it and run again (masks are re-sampled identically from the bank seed), or use another --to",
-                    root.uri(&format!("{prefix}{PROVENANCE}"))
+                    root.uri(&key)
                 ))
             })?;
             if p.format > FORMAT {
                 return Err(BankError::Invalid(format!(
                     "{}: bank format {} is newer than this build reads ({FORMAT}): upgrade defectforge",
-                    root.uri(&format!("{prefix}{PROVENANCE}")),
+                    root.uri(&key),
                     p.format
                 )));
             }
-            let same = p.model_digest == model.manifest.digest
-                && p.embedding == embedding
-                && p.bank_seed == req.seed
-                && same_sampling(&p.settings, &req.settings);
-            if !same {
-                let diff = if p.model_digest != model.manifest.digest {
-                    format!(
-                        "model digest {} (now {})",
-                        p.model_digest, model.manifest.digest
-                    )
-                } else if p.embedding != embedding {
-                    format!("embedding {} (now {embedding})", p.embedding)
-                } else if p.bank_seed != req.seed {
-                    format!("seed {} (now {})", p.bank_seed, req.seed)
-                } else {
-                    format!(
-                        "sampling settings {} (now {})",
-                        serde_json::to_string(&p.settings).expect("json"),
-                        serde_json::to_string(&req.settings).expect("json")
-                    )
-                };
-                return Err(BankError::Invalid(format!(
-                    "{} was generated with another {diff}; complete it with the same ones or write to another --to",
-                    root.uri(&prefix)
-                )));
-            }
-            p
+            Ok(Some(p))
         }
-        Err(StoreError::NotFound { .. }) => TypeProvenance {
-            format: FORMAT,
-            category: category.to_string(),
-            defect_type: defect.to_string(),
-            embedding: embedding.clone(),
-            model: req.model.clone(),
-            model_id: model.manifest.id.clone(),
-            model_digest: model.manifest.digest.clone(),
-            settings: req.settings.clone(),
-            bank_seed: req.seed,
-            created_at: now.clone(),
-            updated_at: now.clone(),
-            stats: DrawStats::default(),
-            rejection_rate: 0.0,
-            masks: vec![],
-        },
-        Err(e) => return Err(e.into()),
+        Err(StoreError::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn check_same(
+    p: &TypeProvenance,
+    root: &dyn ObjectStore,
+    digest: &str,
+    embedding: &str,
+    req: &BankRequest,
+) -> Result<(), BankError> {
+    let diff = if p.model_digest != digest {
+        format!("model digest {} (now {digest})", p.model_digest)
+    } else if p.embedding != embedding {
+        format!("embedding {} (now {embedding})", p.embedding)
+    } else if p.bank_seed != req.seed {
+        format!("seed {} (now {})", p.bank_seed, req.seed)
+    } else if !same_sampling(&p.settings, &req.settings) {
+        format!(
+            "sampling settings {} (now {})",
+            serde_json::to_string(&p.settings).expect("json"),
+            serde_json::to_string(&req.settings).expect("json")
+        )
+    } else {
+        return Ok(());
     };
-    let have: std::collections::BTreeSet<u64> = prov.masks.iter().map(|m| m.index).collect();
-    let missing: Vec<u64> = (0..req.count).filter(|i| !have.contains(i)).collect();
-    progress(&type_name, req.count - missing.len() as u64, req.count);
-    let batch = req.settings.batch.max(1) as usize;
-    for chunk in missing.chunks(batch) {
-        let seeds: Vec<u64> = chunk
+    Err(BankError::Invalid(format!(
+        "{} was generated with another {diff}; complete it with the same ones or write to another --to",
+        root.uri(&format!("{}/{}/", p.category, p.defect_type))
+    )))
+}
+
+/// The committed attempts of a chunk (commit record keys, oldest attempt first).
+async fn commits(
+    root: &dyn ObjectStore,
+    run_id: &str,
+    type_name: &str,
+    chunk: u64,
+) -> Result<Vec<String>, StoreError> {
+    let prefix = chunk_prefix(run_id, type_name, chunk);
+    Ok(root
+        .list(&prefix)
+        .await?
+        .into_iter()
+        .map(|o| o.key)
+        .filter(|k| k[prefix.len()..].ends_with(".json") && !k[prefix.len()..].contains('/'))
+        .collect())
+}
+
+/// Where a run stands: chunks committed and failures recorded, from the store.
+#[derive(Debug, Clone, Default)]
+pub struct RunProgress {
+    /// masks in committed chunks
+    pub masks: u64,
+    pub committed: Vec<(String, u64)>,
+    pub pending: Vec<(String, u64)>,
+    pub failures: Vec<ChunkFailure>,
+}
+
+pub async fn progress(root: &dyn ObjectStore, run: &BankRun) -> Result<RunProgress, BankError> {
+    let mut p = RunProgress::default();
+    let listed: std::collections::BTreeSet<String> = root
+        .list(&format!("{RUNS}/{}/chunks/", run.run_id))
+        .await?
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    for t in &run.types {
+        for k in 0..t.chunks(run.chunk) {
+            let prefix = chunk_prefix(&run.run_id, &t.name, k);
+            let done = listed
+                .range(prefix.clone()..)
+                .take_while(|x| x.starts_with(&prefix))
+                .any(|x| {
+                    let rest = &x[prefix.len()..];
+                    rest.ends_with(".json") && !rest.contains('/')
+                });
+            if done {
+                p.masks += t.chunk(run.chunk, k).len() as u64;
+                p.committed.push((t.name.clone(), k));
+            } else {
+                p.pending.push((t.name.clone(), k));
+            }
+        }
+    }
+    for o in root
+        .list(&format!("{RUNS}/{}/failures/", run.run_id))
+        .await?
+    {
+        let f: ChunkFailure = serde_json::from_slice(&root.get(&o.key).await?)
+            .map_err(|e| BankError::Invalid(format!("{}: {e}", root.uri(&o.key))))?;
+        // a chunk that failed once and was then committed is no longer failed
+        if !p
+            .committed
             .iter()
-            .map(|&i| mask_seed(req.seed, &type_name, i))
+            .any(|(t, k)| *t == f.type_name && *k == f.chunk)
+        {
+            p.failures.push(f);
+        }
+    }
+    Ok(p)
+}
+
+/// Moves a run's committed chunks into the bank: copies each chunk's first committed attempt
+/// to `<category>/<defect>/<index>.png` and writes the types' provenance. Chunks not committed
+/// (failed, or still running) are left out; running it again changes nothing.
+pub async fn merge(
+    root: &dyn ObjectStore,
+    run: &BankRun,
+) -> Result<Vec<TypeProvenance>, BankError> {
+    let mut out = vec![];
+    for t in &run.types {
+        let now = chrono::Utc::now().to_rfc3339();
+        let mut prov = match read_provenance(root, &t.category, &t.defect_type).await? {
+            Some(p) => p,
+            None => TypeProvenance {
+                format: FORMAT,
+                category: t.category.clone(),
+                defect_type: t.defect_type.clone(),
+                embedding: t.embedding.clone(),
+                model: run.model.clone(),
+                model_id: run.model_id.clone(),
+                model_digest: run.model_digest.clone(),
+                settings: run.settings.clone(),
+                bank_seed: run.seed,
+                created_at: now.clone(),
+                updated_at: now.clone(),
+                stats: DrawStats::default(),
+                rejection_rate: 0.0,
+                masks: vec![],
+            },
+        };
+        let have: std::collections::BTreeSet<u64> = prov.masks.iter().map(|m| m.index).collect();
+        let prefix = format!("{}/{}/", t.category, t.defect_type);
+        let mut changed = false;
+        for k in 0..t.chunks(run.chunk) {
+            let want = t.chunk(run.chunk, k);
+            if want.iter().all(|i| have.contains(i)) {
+                continue;
+            }
+            let Some(key) = commits(root, &run.run_id, &t.name, k)
+                .await?
+                .into_iter()
+                .next()
+            else {
+                continue;
+            };
+            let commit: ChunkCommit = serde_json::from_slice(&root.get(&key).await?)
+                .map_err(|e| BankError::Invalid(format!("{}: {e}", root.uri(&key))))?;
+            let dir = format!("{}/", key.trim_end_matches(".json"));
+            for m in &commit.masks {
+                if have.contains(&m.index) {
+                    continue;
+                }
+                let png = root.get(&format!("{dir}{}", m.file)).await?;
+                if ids::sha256_hex(&png) != m.sha256 {
+                    return Err(BankError::Invalid(format!(
+                        "{}: its digest differs from the commit record {} (the object was replaced)",
+                        root.uri(&format!("{dir}{}", m.file)),
+                        root.uri(&key)
+                    )));
+                }
+                let file = format!("{:06}.png", m.index);
+                root.put(&format!("{prefix}{file}"), png, "image/png")
+                    .await?;
+                prov.masks.push(BankEntry { file, ..m.clone() });
+            }
+            prov.stats.add(&commit.stats);
+            changed = true;
+        }
+        if changed {
+            prov.rejection_rate = prov.stats.rejection_rate();
+            prov.updated_at = now;
+            prov.masks.sort_by_key(|m| m.index);
+            root.put(
+                &format!("{prefix}{PROVENANCE}"),
+                Bytes::from(serde_json::to_vec_pretty(&prov).expect("json")),
+                "application/json",
+            )
+            .await?;
+            info!(r#type = %t.name, masks = prov.masks.len(), "mask bank type merged");
+        }
+        out.push(prov);
+    }
+    // The masks now live in the bank; the run's staged copies are no longer needed (its
+    // records stay as the audit trail).
+    for o in root.list(&format!("{RUNS}/{}/chunks/", run.run_id)).await? {
+        if o.key.ends_with(".png") {
+            root.delete(&o.key).await?;
+        }
+    }
+    Ok(out)
+}
+
+/// The current provenance of the request's types (for a request with nothing left to draw).
+pub async fn provenances(
+    root: &dyn ObjectStore,
+    run: &BankRun,
+) -> Result<Vec<TypeProvenance>, BankError> {
+    let mut out = vec![];
+    for t in &run.types {
+        if let Some(p) = read_provenance(root, &t.category, &t.defect_type).await? {
+            out.push(p);
+        }
+    }
+    Ok(out)
+}
+
+/// Runs one bank job (the worker's `mask_bank` handler): draws the chunk's masks, writes them
+/// under the attempt's keys and commits with the chunk record last.
+pub(crate) async fn run_job(
+    j: &MaskBankJob,
+    root: Arc<dyn ObjectStore>,
+    models: &ModelCache,
+    worker_id: &str,
+    policy: Backoff,
+) -> Result<Outcome, JobError> {
+    let t0 = std::time::Instant::now();
+    let permanent = |cause: String| JobError::Permanent {
+        sample: None,
+        input_uri: None,
+        cause,
+    };
+    let rkey = run_key(&j.run_id);
+    let b = retry(policy, "reading the bank run", StoreError::is_transient, || {
+        root.get(&rkey)
+    })
+    .await
+    .map_err(|e| match e {
+        StoreError::NotFound { uri } => permanent(format!(
+            "bank run record {uri} does not exist (`defectforge masks generate` writes it before publishing; was the bank deleted?)"
+        )),
+        e => JobError::from_store(e, false),
+    })?;
+    let run: BankRun = serde_json::from_slice(&b).map_err(|e| {
+        permanent(format!(
+            "{}: not a bank run record: {e}",
+            root.uri(&run_key(&j.run_id))
+        ))
+    })?;
+    if run.format > RUN_FORMAT {
+        return Err(permanent(format!(
+            "bank run {} has format {} (this worker reads {RUN_FORMAT}): upgrade the worker",
+            j.run_id, run.format
+        )));
+    }
+    let t = run
+        .run_type(&j.type_name)
+        .ok_or_else(|| permanent(format!("bank run {} has no type {}", j.run_id, j.type_name)))?;
+    let indices = t.chunk(run.chunk, j.chunk).to_vec();
+    if indices.is_empty() {
+        return Err(permanent(format!(
+            "bank run {} has no chunk {} of {}",
+            j.run_id, j.chunk, j.type_name
+        )));
+    }
+    let done = retry(
+        policy,
+        "listing chunk commits",
+        StoreError::is_transient,
+        || commits(root.as_ref(), &j.run_id, &j.type_name, j.chunk),
+    )
+    .await
+    .map_err(|e| JobError::from_store(e, false))?;
+    if !done.is_empty() {
+        return Ok(Outcome::Skipped {
+            reason: "bank chunk already committed".into(),
+        });
+    }
+    let model = models.get(&run.model).await.map_err(|e| match e {
+        ModelError::Store(e) => JobError::from_store(e, true),
+        e if e.is_transient() => JobError::Transient(e.to_string()),
+        e => permanent(e.to_string()),
+    })?;
+    if model.manifest.digest != run.model_digest {
+        return Err(permanent(format!(
+            "model {} now has digest {} but bank run {} was planned with {}: it was replaced",
+            run.model, model.manifest.digest, j.run_id, run.model_digest
+        )));
+    }
+    let attempt = ids::new_attempt_id();
+    let dir = format!(
+        "{}{attempt}/",
+        chunk_prefix(&j.run_id, &j.type_name, j.chunk)
+    );
+    let mut entries = vec![];
+    let mut stats = DrawStats::default();
+    let limit = std::time::Duration::from_secs(run.time_limit_s.max(1));
+    for batch in indices.chunks(run.settings.batch.max(1) as usize) {
+        let seeds: Vec<u64> = batch
+            .iter()
+            .map(|&i| mask_seed(run.seed, &t.name, i))
             .collect();
-        let m2 = model.clone();
-        let (emb, settings, s2) = (embedding.clone(), req.settings.clone(), seeds.clone());
-        let (masks, stats) = tokio::task::spawn_blocking(move || {
+        let (m2, emb, settings, s2) = (
+            model.clone(),
+            t.embedding.clone(),
+            run.settings.clone(),
+            seeds.clone(),
+        );
+        let job = tokio::task::spawn_blocking(move || {
             let mut stats = DrawStats::default();
             sample_accepted(&m2.model, &emb, &s2, &settings, &mut stats, &mut |_| {})
                 .map(|m| (m, stats))
-        })
-        .await
-        .map_err(|e| BankError::Sampling(format!("sampling thread failed: {e}")))?
-        .map_err(|f| {
-            let which = f
-                .index
-                .map(|k| format!("{type_name} mask {}: ", chunk[k]))
-                .unwrap_or_default();
-            match f.error {
-                GenError::Input(m) => BankError::Invalid(format!("{which}{m}")),
-                GenError::Transient(m) => BankError::Sampling(format!("{which}{m}")),
-            }
-        })?;
-        for ((&index, &seed), lm) in chunk.iter().zip(&seeds).zip(masks) {
+        });
+        let (masks, st) = match tokio::time::timeout(limit.saturating_sub(t0.elapsed()), job).await
+        {
+            Err(_) => return Err(JobError::TimedOut(run.time_limit_s)),
+            Ok(Err(e)) => return Err(JobError::Transient(format!("sampling thread failed: {e}"))),
+            Ok(Ok(r)) => r.map_err(|f| {
+                let which = f
+                    .index
+                    .map(|k| format!("{} mask {}: ", t.name, batch[k]))
+                    .unwrap_or_default();
+                match f.error {
+                    GenError::Input(m) => permanent(format!("{which}{m}")),
+                    GenError::Transient(m) => JobError::Transient(format!("{which}{m}")),
+                }
+            })?,
+        };
+        stats.add(&st);
+        for ((&index, &seed), lm) in batch.iter().zip(&seeds).zip(masks) {
             let png = imaging::encode_png_gray(&lm.mask)
-                .map_err(|e| BankError::Sampling(e.to_string()))?;
+                .map_err(|e| JobError::Transient(e.to_string()))?;
             let file = format!("{index:06}.png");
             let latent = imaging::latent_mask_area(&lm.mask);
-            let entry = BankEntry {
+            entries.push(BankEntry {
                 file: file.clone(),
                 index,
                 seed,
@@ -251,33 +680,75 @@ async fn generate_type(
                 latent_mask_area: latent,
                 thin: latent == 0,
                 sha256: ids::sha256_hex(&png),
-            };
-            root.put(&format!("{prefix}{file}"), Bytes::from(png), "image/png")
-                .await?;
-            prov.masks.push(entry);
+            });
+            let (key, body) = (format!("{dir}{file}"), Bytes::from(png));
+            retry(
+                policy,
+                "uploading a bank mask",
+                StoreError::is_transient,
+                || root.put(&key, body.clone(), "image/png"),
+            )
+            .await
+            .map_err(|e| JobError::from_store(e, false))?;
         }
-        prov.stats.add(&stats);
-        prov.rejection_rate = prov.stats.rejection_rate();
-        prov.updated_at = chrono::Utc::now().to_rfc3339();
-        prov.masks.sort_by_key(|m| m.index);
-        root.put(
-            &format!("{prefix}{PROVENANCE}"),
-            Bytes::from(serde_json::to_vec_pretty(&prov).expect("json")),
-            "application/json",
-        )
-        .await?;
-        let done = prov.masks.iter().filter(|m| m.index < req.count).count() as u64;
-        info!(
-            r#type = %type_name,
-            done,
-            total = req.count,
-            drawn = prov.stats.drawn,
-            rejection_rate = prov.rejection_rate,
-            "mask bank batch stored"
-        );
-        progress(&type_name, done, req.count);
     }
-    Ok(prov)
+    if t0.elapsed() > limit {
+        return Err(JobError::TimedOut(run.time_limit_s));
+    }
+    let n = entries.len();
+    let commit = ChunkCommit {
+        attempt: attempt.clone(),
+        worker_id: worker_id.to_string(),
+        masks: entries,
+        stats,
+        committed_at: chrono::Utc::now().to_rfc3339(),
+    };
+    let key = format!(
+        "{}{attempt}.json",
+        chunk_prefix(&j.run_id, &j.type_name, j.chunk)
+    );
+    let body = Bytes::from(serde_json::to_vec_pretty(&commit).expect("json"));
+    retry(
+        policy,
+        "committing the bank chunk",
+        StoreError::is_transient,
+        || root.put(&key, body.clone(), "application/json"),
+    )
+    .await
+    .map_err(|e| JobError::from_store(e, false))?;
+    let _ = root
+        .delete(&failure_key(&j.run_id, &j.type_name, j.chunk))
+        .await;
+    info!(r#type = %t.name, chunk = j.chunk, masks = n, drawn = stats.drawn, "mask bank chunk committed");
+    Ok(Outcome::Committed { samples: n })
+}
+
+/// Writes the failure record of a dead-lettered bank job.
+pub(crate) async fn record_failure(
+    j: &MaskBankJob,
+    root: Arc<dyn ObjectStore>,
+    worker_id: &str,
+    policy: Backoff,
+    f: Failure,
+) -> Result<(), StoreError> {
+    let rec = ChunkFailure {
+        type_name: j.type_name.clone(),
+        chunk: j.chunk,
+        cause: f.cause,
+        class: f.class.to_string(),
+        worker_id: worker_id.to_string(),
+        deliveries: f.deliveries,
+        at: chrono::Utc::now().to_rfc3339(),
+    };
+    let key = failure_key(&j.run_id, &j.type_name, j.chunk);
+    let body = Bytes::from(serde_json::to_vec_pretty(&rec).expect("json"));
+    retry(
+        policy,
+        "writing a bank failure record",
+        StoreError::is_transient,
+        || root.put(&key, body.clone(), "application/json"),
+    )
+    .await
 }
 
 /// Whether two settings sample the same masks (the batch size and the draw limit do not change

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
-use defectforge::store::{self, S3Config, StoreError};
+use defectforge::store::{self, ObjectStore, S3Config, StoreError};
 use defectforge_engine::ad_files::{
     read_embeddings_pt, read_embeddings_safetensors, read_torch_state_dict,
     write_embeddings_safetensors, EmbeddingsFile,
@@ -540,6 +540,37 @@ pub struct ModelCache {
     load_micros: AtomicU64,
 }
 
+/// The manifest of the model at `uri`, checked against its own file list (what commands that
+/// only need a model's identity and types read, without fetching its weights).
+pub async fn manifest(uri: &str, s3: &S3Config) -> Result<ModelManifest, ModelError> {
+    let root = store::open(&normalize_uri(uri), s3).await?;
+    read_manifest(root.as_ref(), uri).await
+}
+
+async fn read_manifest(root: &dyn ObjectStore, uri: &str) -> Result<ModelManifest, ModelError> {
+    let bytes = root.get(MANIFEST_FILE).await.map_err(|e| match e {
+            StoreError::NotFound { .. } => ModelError::Invalid(format!(
+                "{uri} holds no {MANIFEST_FILE}: not a model imported with `defectforge models import` (or the import did not finish)"
+            )),
+            e => e.into(),
+        })?;
+    let manifest: ModelManifest = serde_json::from_slice(&bytes)
+        .map_err(|e| ModelError::Invalid(format!("{uri}/{MANIFEST_FILE}: {e}")))?;
+    if manifest.format != FORMAT {
+        return Err(ModelError::Invalid(format!(
+            "{uri}: model format {} (this worker reads {FORMAT})",
+            manifest.format
+        )));
+    }
+    let (digest, id) = content_id(&manifest.files);
+    if digest != manifest.digest || id != manifest.id {
+        return Err(ModelError::Invalid(format!(
+            "{uri}/{MANIFEST_FILE}: its digest does not match its file list (edited by hand?)"
+        )));
+    }
+    Ok(manifest)
+}
+
 fn normalize_uri(uri: &str) -> String {
     uri.trim_end_matches('/').to_string()
 }
@@ -601,26 +632,7 @@ impl ModelCache {
     /// cached and verified are not fetched again.
     async fn fetch(&self, uri: &str) -> Result<(ModelManifest, PathBuf), ModelError> {
         let root = store::open(&normalize_uri(uri), &self.s3).await?;
-        let bytes = root.get(MANIFEST_FILE).await.map_err(|e| match e {
-            StoreError::NotFound { .. } => ModelError::Invalid(format!(
-                "{uri} holds no {MANIFEST_FILE}: not a model imported with `defectforge models import` (or the import did not finish)"
-            )),
-            e => e.into(),
-        })?;
-        let manifest: ModelManifest = serde_json::from_slice(&bytes)
-            .map_err(|e| ModelError::Invalid(format!("{uri}/{MANIFEST_FILE}: {e}")))?;
-        if manifest.format != FORMAT {
-            return Err(ModelError::Invalid(format!(
-                "{uri}: model format {} (this worker reads {FORMAT})",
-                manifest.format
-            )));
-        }
-        let (digest, id) = content_id(&manifest.files);
-        if digest != manifest.digest || id != manifest.id {
-            return Err(ModelError::Invalid(format!(
-                "{uri}/{MANIFEST_FILE}: its digest does not match its file list (edited by hand?)"
-            )));
-        }
+        let manifest = read_manifest(root.as_ref(), uri).await?;
         let dir = self.dir.join(&manifest.id);
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         let marker = dir.join(".verified");

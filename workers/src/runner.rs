@@ -539,6 +539,14 @@ impl JobHandler for Worker {
     fn run<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, Result<Outcome, JobError>> {
         match job {
             Job::Generate(m) => Box::pin(self.process(m)),
+            Job::MaskBank(j) => Box::pin(async move {
+                let root = self
+                    .store(&j.bank)
+                    .await
+                    .map_err(|e| JobError::from_store(e, false))?;
+                crate::bank::run_job(j, root, &self.models, &self.cfg.worker_id, self.cfg.retry)
+                    .await
+            }),
         }
     }
 
@@ -549,6 +557,11 @@ impl JobHandler for Worker {
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         match job {
             Job::Generate(m) => Box::pin(self.write_failure(m, failure)),
+            Job::MaskBank(j) => Box::pin(async move {
+                let root = self.store(&j.bank).await?;
+                crate::bank::record_failure(j, root, &self.cfg.worker_id, self.cfg.retry, failure)
+                    .await
+            }),
         }
     }
 }
