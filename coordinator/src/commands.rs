@@ -581,13 +581,13 @@ fn as_flag(problem: &str) -> String {
 /// Publishes a bank run's uncommitted jobs and waits until each is committed or failed.
 async fn run_bank_jobs(
     dest: &str,
-    run: &defectforge_worker::bank::BankRun,
+    run: &defectforge_worker::masks::bank::BankRun,
     root: &dyn ObjectStore,
     how: &BankRunArgs,
     s3: &S3Config,
-) -> Result<defectforge_worker::bank::RunProgress> {
+) -> Result<defectforge_worker::masks::bank::RunProgress> {
     use defectforge::job::MaskBankJob;
-    use defectforge_worker::bank;
+    use defectforge_worker::masks::bank;
     let before = bank::progress(root, run).await?;
     // chunks failed by an earlier run are retried
     for (t, k) in &before.pending {
@@ -715,7 +715,7 @@ pub struct BankRunArgs {
 /// `masks generate`: samples (or completes) a mask bank through `mask_bank` jobs (embedded or
 /// on the fleet) and reports the rejection rates.
 pub async fn masks_generate(
-    req: defectforge_worker::bank::BankRequest,
+    req: defectforge_worker::masks::bank::BankRequest,
     how: BankRunArgs,
     json: bool,
     s3: &S3Config,
@@ -731,7 +731,7 @@ pub async fn masks_generate(
                 .join("\n  ")
         );
     }
-    use defectforge_worker::bank;
+    use defectforge_worker::masks::bank;
     let t0 = Instant::now();
     let (run, root) = bank::prepare(
         &req,

@@ -206,7 +206,7 @@ enum MasksCmd {
         #[arg(long, env = "DEFECTFORGE_MASK_REJECT_THIN")]
         reject_thin: bool,
         /// masks per job (rounded up to whole --batch batches)
-        #[arg(long, env = "DEFECTFORGE_MASK_CHUNK", default_value_t = defectforge_worker::bank::DEFAULT_CHUNK)]
+        #[arg(long, env = "DEFECTFORGE_MASK_CHUNK", default_value_t = defectforge_worker::masks::bank::DEFAULT_CHUNK)]
         chunk: u64,
         /// publish the bank's jobs to the broker for the worker fleet and wait for them, instead
         /// of sampling in this process (embedded)
@@ -398,7 +398,7 @@ async fn main() {
                 batch,
                 reject_thin,
             };
-            let req = defectforge_worker::bank::BankRequest {
+            let req = defectforge_worker::masks::bank::BankRequest {
                 model,
                 types,
                 count,

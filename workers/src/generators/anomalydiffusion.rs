@@ -22,8 +22,8 @@ use image::{GrayImage, RgbImage};
 use super::{GenError, GenInput, Generator, SampleInfo};
 use crate::models::{LoadedModel, ModelCache};
 
-/// The model's working resolution.
-pub const WORKING_SIZE: u32 = 256;
+/// The model's working resolution (one constant for core and worker).
+pub const WORKING_SIZE: u32 = defectforge::imaging::AD_WORKING_SIZE;
 /// Pixels per latent cell (the KL VAE's downsampling factor).
 const LATENT_FACTOR: usize = 8;
 

@@ -8,8 +8,6 @@
 pub mod anomalydiffusion;
 pub mod augment;
 pub mod cutpaste;
-pub mod learned_masks;
-pub mod masks;
 pub mod perlin;
 pub mod simple;
 

@@ -29,10 +29,8 @@ use defectforge::{ids, imaging};
 use serde::{Deserialize, Serialize};
 use tracing::info;
 
-use crate::generators::learned_masks::{
-    embedding_name, require_mask_model, sample_accepted, DrawStats,
-};
 use crate::generators::GenError;
+use crate::masks::learned::{embedding_name, require_mask_model, sample_accepted, DrawStats};
 use crate::models::{ModelCache, ModelError};
 use crate::protocol::{Failure, JobError, Outcome};
 

@@ -14,7 +14,7 @@ use defectforge_engine::maskgen::{MaskSamplerOptions, Rejection};
 use defectforge_engine::PerSampleNoise;
 use image::{GrayImage, Luma};
 
-use super::GenError;
+use crate::generators::GenError;
 
 /// One accepted mask.
 #[derive(Debug, Clone)]
