@@ -171,37 +171,7 @@ pub fn resize_mask(mask: &GrayImage, w: u32, h: u32) -> GrayImage {
     ))
 }
 
-/// The AnomalyDiffusion working size and latent grid side.
-pub const AD_WORKING_SIZE: u32 = 256;
-pub const AD_LATENT_SIZE: u32 = 32;
-
-/// Bilinear resize of a single-channel float image as torchvision 0.13.1's `Resize` on tensors
-/// (`align_corners = False`, no antialias): output pixel i samples source coordinate
-/// `(i + 0.5)·in/out − 0.5`, clamped at 0.
-pub fn resize_bilinear_f32(src: &[f32], w: u32, h: u32, ow: u32, oh: u32) -> Vec<f32> {
-    let coords = |n_in: u32, n_out: u32| -> Vec<(usize, usize, f32)> {
-        let scale = n_in as f32 / n_out as f32;
-        (0..n_out)
-            .map(|i| {
-                let x = ((i as f32 + 0.5) * scale - 0.5).max(0.0);
-                let x0 = (x.floor() as usize).min(n_in as usize - 1);
-                let x1 = (x0 + 1).min(n_in as usize - 1);
-                (x0, x1, x - x0 as f32)
-            })
-            .collect()
-    };
-    let (cx, cy) = (coords(w, ow), coords(h, oh));
-    let mut out = Vec::with_capacity((ow * oh) as usize);
-    for &(y0, y1, ly) in &cy {
-        for &(x0, x1, lx) in &cx {
-            let p = |x: usize, y: usize| src[y * w as usize + x];
-            let top = p(x0, y0) * (1.0 - lx) + p(x1, y0) * lx;
-            let bot = p(x0, y1) * (1.0 - lx) + p(x1, y1) * lx;
-            out.push(top * (1.0 - ly) + bot * ly);
-        }
-    }
-    out
-}
+pub use defectforge_kernels::{resize_bilinear_f32, AD_LATENT_SIZE, AD_WORKING_SIZE};
 
 /// Cells set in AnomalyDiffusion's latent mask of `mask`: the mask at the 256×256 working size
 /// (resized as the loader does when it is another size), then bilinear to 32×32 and ≥ 0.5.

@@ -12,23 +12,28 @@ fn provenance(bytes: &[u8]) -> serde_json::Value {
     serde_json::from_slice(bytes).unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_campaign_uses_banked_and_generated_masks() {
-    let Some(fx) = fixtures() else { return };
-    let sc = Scenario::new("masks-e2e");
-    let models = sc.s3_uri("models");
+/// The fixture model with the fixture mask embedding for bottle+broken_large and wood+scratch.
+fn import_with_mask_models(sc: &Scenario, fx: &std::path::Path, models: &str) -> String {
     let mask_pt = fx.join("anomalydiffusion-tiny/mask_embeddings.pt");
-    let uri = import_fixture_model(
-        &sc,
-        &fx,
-        &models,
+    import_fixture_model(
+        sc,
+        fx,
+        models,
         &[
             "--mask-embeddings",
             &format!("bottle+broken_large={}", mask_pt.display()),
             "--mask-embeddings",
             &format!("wood+scratch={}", mask_pt.display()),
         ],
-    );
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_campaign_uses_banked_and_generated_masks() {
+    let Some(fx) = fixtures() else { return };
+    let sc = Scenario::new("masks-e2e");
+    let models = sc.s3_uri("models");
+    let uri = import_with_mask_models(&sc, &fx, &models);
     let shown: serde_json::Value = serde_json::from_str(&sc.ok(&["models", "show", &uri])).unwrap();
     assert_eq!(
         shown["mask_types"],
@@ -492,18 +497,7 @@ async fn a_bank_filled_by_the_fleet_equals_the_embedded_bank_even_when_a_worker_
     let Some(fx) = fixtures() else { return };
     let sc = Scenario::new("bank-fleet");
     let models = sc.s3_uri("models");
-    let mask_pt = fx.join("anomalydiffusion-tiny/mask_embeddings.pt");
-    let uri = import_fixture_model(
-        &sc,
-        &fx,
-        &models,
-        &[
-            "--mask-embeddings",
-            &format!("bottle+broken_large={}", mask_pt.display()),
-            "--mask-embeddings",
-            &format!("wood+scratch={}", mask_pt.display()),
-        ],
-    );
+    let uri = import_with_mask_models(&sc, &fx, &models);
     let types = ["bottle+broken_large", "wood+scratch"];
     let args = |to: &str, cache: &str| -> Vec<String> {
         [

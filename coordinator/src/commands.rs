@@ -1,6 +1,7 @@
 //! The coordinator's commands. Each validates everything it can before it touches a service and
 //! writes nothing when a check fails.
 
+use crate::embedded::{run_in_process, EMBEDDED_DELIVERY_LIMIT};
 use crate::CampaignRef;
 use anyhow::{anyhow, bail, Context, Result};
 use defectforge::campaign::Campaign;
@@ -11,12 +12,9 @@ use defectforge::queue::{redact_url, AmqpQueue, InProcQueue, JobQueue};
 use defectforge::store::{self, ObjectStore, S3Config};
 use defectforge::{dataset, demo, ids, layout};
 use defectforge_worker::cli::AmqpArgs;
-use defectforge_worker::protocol::consume_loop;
-use defectforge_worker::runner::{Worker, WorkerConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::path::Path;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::info;
@@ -451,6 +449,9 @@ pub async fn run(
     output: Option<String>,
     s3: &S3Config,
 ) -> Result<i32> {
+    if !crate::embedded::EMBEDDED {
+        return Err(crate::embedded::not_embedded("`run`"));
+    }
     let t0 = Instant::now();
     let plan = load_plan(path, s3, output).await?;
     let st = open_output(&plan.campaign.output, s3).await?;
@@ -468,11 +469,8 @@ pub async fn run(
     }
     let rec = ledger::read_record(st.as_ref(), &cid).await?;
     let todo = ledger::uncommitted_shards(st.as_ref(), &rec).await?;
-    // embedded mode: deliveries of one shard before it is dead-lettered
-    const EMBEDDED_DELIVERY_LIMIT: u64 = 3;
     let q = InProcQueue::new(EMBEDDED_DELIVERY_LIMIT);
     publish_shards(&q, &plan, &todo).await?;
-    q.close_when_drained();
     let n = workers
         .unwrap_or_else(|| {
             std::thread::available_parallelism()
@@ -485,36 +483,17 @@ pub async fn run(
         plan.total_samples,
         todo.len()
     );
-    let worker = Arc::new(Worker::new(WorkerConfig {
-        worker_id: format!("embedded-{}", std::process::id()),
-        s3: s3.clone(),
-        delivery_limit: EMBEDDED_DELIVERY_LIMIT,
-        ..WorkerConfig::default()
-    }));
-    let (_tx, rx) = tokio::sync::watch::channel(false);
-    let mut tasks = vec![];
-    for _ in 0..n {
-        let (w, q, rx) = (worker.clone(), q.clone(), rx.clone());
-        tasks.push(tokio::spawn(async move {
-            consume_loop(w.as_ref(), &q, 1, rx, None).await
-        }));
-    }
     let pb = bar(plan.total_samples, "samples");
     let done_before = plan.total_samples - todo.iter().map(|&s| rec.shard_len(s)).sum::<u64>();
-    let all = futures_util::future::join_all(tasks);
-    tokio::pin!(all);
-    let results = loop {
-        tokio::select! {
-            r = &mut all => break r,
-            _ = tokio::time::sleep(Duration::from_millis(200)) => {
-                pb.set_position(done_before + worker.counters.samples_committed.load(Ordering::Relaxed));
-            }
-        }
-    };
+    run_in_process(
+        q,
+        n,
+        defectforge_worker::models::default_cache_dir(),
+        s3,
+        &|done| pb.set_position(done_before + done),
+    )
+    .await?;
     pb.finish_and_clear();
-    for r in results {
-        r.context("worker task panicked")??;
-    }
     let idx = ledger::finalize(st.as_ref(), &cid, FinalizeOptions::default(), &|_, _| {}).await?;
     let s = ledger::status(st.as_ref(), &cid).await?;
     eprintln!(
@@ -538,6 +517,19 @@ pub async fn run(
 }
 
 /// `models import`: converts, checks and uploads a model; prints its URI (or the manifest).
+#[cfg(not(feature = "embedded"))]
+pub async fn models_import(
+    _inputs: defectforge_worker::models::ImportInputs,
+    _to: &str,
+    _staging: &Path,
+    _json: bool,
+    _s3: &S3Config,
+) -> Result<i32> {
+    Err(crate::embedded::not_embedded("`models import`"))
+}
+
+/// `models import`: converts, checks and uploads a model; prints its URI (or the manifest).
+#[cfg(feature = "embedded")]
 pub async fn models_import(
     inputs: defectforge_worker::models::ImportInputs,
     to: &str,
@@ -591,12 +583,7 @@ async fn run_bank_jobs(
     let before = bank::progress(root, run).await?;
     // chunks failed by an earlier run are retried
     for (t, k) in &before.pending {
-        root.delete(&format!(
-            "{}/{}/failures/{t}-{k:06}.json",
-            bank::RUNS,
-            run.run_id
-        ))
-        .await?;
+        root.delete(&bank::failure_key(&run.run_id, t, *k)).await?;
     }
     let jobs: Vec<Vec<u8>> = before
         .pending
@@ -660,38 +647,12 @@ async fn run_bank_jobs(
             wait_store().await?
         }
         None => {
-            const EMBEDDED_DELIVERY_LIMIT: u64 = 3;
             let q = InProcQueue::new(EMBEDDED_DELIVERY_LIMIT);
             q.publish(jobs).await?;
-            q.close_when_drained();
-            let worker = Arc::new(Worker::new(WorkerConfig {
-                worker_id: format!("embedded-{}", std::process::id()),
-                s3: s3.clone(),
-                delivery_limit: EMBEDDED_DELIVERY_LIMIT,
-                model_cache: how.model_cache.clone(),
-                ..WorkerConfig::default()
-            }));
-            let (_tx, rx) = tokio::sync::watch::channel(false);
-            let mut tasks = vec![];
-            for _ in 0..how.workers.max(1) {
-                let (w, q, rx) = (worker.clone(), q.clone(), rx.clone());
-                tasks.push(tokio::spawn(async move {
-                    consume_loop(w.as_ref(), &q, 1, rx, None).await
-                }));
-            }
-            let all = futures_util::future::join_all(tasks);
-            tokio::pin!(all);
-            let results = loop {
-                tokio::select! {
-                    r = &mut all => break r,
-                    _ = tokio::time::sleep(Duration::from_millis(300)) => {
-                        pb.set_position(before.masks + worker.counters.samples_committed.load(Ordering::Relaxed));
-                    }
-                }
-            };
-            for r in results {
-                r.context("worker task panicked")??;
-            }
+            run_in_process(q, how.workers, how.model_cache.clone(), s3, &|done| {
+                pb.set_position(before.masks + done)
+            })
+            .await?;
             bank::progress(root, run).await?
         }
     };
@@ -732,6 +693,11 @@ pub async fn masks_generate(
         );
     }
     use defectforge_worker::masks::bank;
+    if how.submit.is_none() && !crate::embedded::EMBEDDED {
+        return Err(crate::embedded::not_embedded(
+            "`masks generate` without --submit",
+        ));
+    }
     let t0 = Instant::now();
     let (run, root) = bank::prepare(
         &req,

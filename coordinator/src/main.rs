@@ -3,6 +3,7 @@
 //! fragments into the Parquet manifest. `run` does everything in one process with no services.
 
 mod commands;
+mod embedded;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};

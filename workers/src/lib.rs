@@ -3,11 +3,15 @@
 //! shards), mask banks, the `Generator` trait and its implementations, metrics.
 
 pub mod cli;
+#[cfg(feature = "engine")]
 pub mod compute;
+#[cfg(feature = "engine")]
 pub mod generators;
+#[cfg(feature = "engine")]
 pub mod http;
 pub mod masks;
 pub mod metrics;
 pub mod models;
 pub mod protocol;
+#[cfg(feature = "engine")]
 pub mod runner;

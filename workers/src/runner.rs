@@ -500,7 +500,7 @@ impl JobHandler for Worker {
                     .store(&j.bank)
                     .await
                     .map_err(|e| JobError::from_store(e, false))?;
-                crate::masks::bank::run_job(
+                crate::masks::bank_job::run_job(
                     j,
                     root,
                     &self.models,
@@ -521,7 +521,7 @@ impl JobHandler for Worker {
             Job::Generate(m) => Box::pin(self.write_failure(m, failure)),
             Job::MaskBank(j) => Box::pin(async move {
                 let root = self.store(&j.bank).await?;
-                crate::masks::bank::record_failure(
+                crate::masks::bank_job::record_failure(
                     j,
                     root,
                     &self.cfg.worker_id,

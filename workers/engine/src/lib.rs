@@ -38,36 +38,37 @@
 //! # let _ = image; Ok(()) }
 //! ```
 //!
-//! Layout: [`unet`] (+ [`attention`], [`resnet`], [`control`]), [`vae`], [`clip`],
-//! [`tokenizer`], [`ddim`], [`noise`], [`weights`] (loading with tensor accounting), [`nn`],
-//! [`cpu_ops`] (fused CPU kernels).
+//! Layout, one folder per model family: [`sd`] (the Stable Diffusion UNet with its attention
+//! and ResNet blocks, the VAE, CLIP), [`ldm`] (the CompVis LDM: config, checkpoint, model, its
+//! BERT and WordPiece tokenizer), [`anomalydiffusion`] (model, blended sampler with attention
+//! re-weighting, spatial encoder, mask generation, the official files), [`schedulers`] (the SD
+//! and LDM DDIM schedulers); shared: [`nn`], [`weights`] (loading with tensor accounting),
+//! [`control`] (attention control), [`noise`], [`cpu_ops`] (fused CPU kernels), [`error`].
+//! The flat names (`unet`, `ad_model`, `anomaly`, …) stay as aliases of the folders' modules.
 
-pub mod ad_model;
-pub mod anomaly;
-pub mod attention;
-pub mod bert;
-pub mod clip;
+pub mod anomalydiffusion;
 pub mod control;
 pub mod cpu_ops;
-pub mod ddim;
 pub mod error;
 pub mod ldm;
-pub mod ldm_ddim;
-pub mod maskgen;
 pub mod nn;
 pub mod noise;
-pub mod resnet;
-pub mod tokenizer;
-pub mod unet;
-pub mod vae;
+pub mod schedulers;
+pub mod sd;
 pub mod weights;
+
+pub use anomalydiffusion::{
+    files as ad_files, maskgen, model as ad_model, sampler as anomaly, spatial,
+};
+pub use ldm::{bert, tokenizer};
+pub use schedulers::{ddim, ldm_ddim};
+pub use sd::{attention, clip, resnet, unet, vae};
 
 pub use candle_core as candle;
 pub use candle_core::{DType, Device, Tensor};
 pub use control::{AttentionController, AttentionSite};
 pub use ddim::{DdimConfig, DdimScheduler};
+pub use defectforge_kernels::{AD_LATENT_SIZE, AD_WORKING_SIZE};
 pub use error::{EngineError, Result};
 pub use noise::{NoiseSource, PerSampleNoise, ReplayNoise, SeededNoise};
 pub use weights::Weights;
-pub mod ad_files;
-pub mod spatial;

@@ -22,17 +22,14 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use defectforge::campaign::{is_safe_name, MaskModelSettings};
+use defectforge::ids;
 use defectforge::job::MaskBankJob;
-use defectforge::retry::{retry, Backoff};
 use defectforge::store::{self, ObjectStore, S3Config, StoreError};
-use defectforge::{ids, imaging};
 use serde::{Deserialize, Serialize};
 use tracing::info;
 
-use crate::generators::GenError;
-use crate::masks::learned::{embedding_name, require_mask_model, sample_accepted, DrawStats};
-use crate::models::{ModelCache, ModelError};
-use crate::protocol::{Failure, JobError, Outcome};
+use crate::masks::{embedding_name, require_mask_model, DrawStats};
+use crate::models::ModelError;
 
 pub const PROVENANCE: &str = "provenance.json";
 const FORMAT: u32 = 1;
@@ -117,7 +114,7 @@ pub const DEFAULT_CHUNK: u64 = 64;
 /// Where a bank keeps its runs: `<bank>/.runs/<run_id>/…` (campaigns read only the types'
 /// provenance files, so nothing here is mistaken for a mask).
 pub const RUNS: &str = ".runs";
-const RUN_FORMAT: u32 = 1;
+pub(crate) const RUN_FORMAT: u32 = 1;
 
 /// One type of a bank run: the mask indices still to draw.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -184,20 +181,20 @@ impl BankRun {
         self.types.iter().map(|t| t.todo.len() as u64).sum()
     }
 
-    fn run_type(&self, name: &str) -> Option<&RunType> {
+    pub fn run_type(&self, name: &str) -> Option<&RunType> {
         self.types.iter().find(|t| t.name == name)
     }
 }
 
-fn run_key(run_id: &str) -> String {
+pub(crate) fn run_key(run_id: &str) -> String {
     format!("{RUNS}/{run_id}/run.json")
 }
 
-fn chunk_prefix(run_id: &str, type_name: &str, chunk: u64) -> String {
+pub(crate) fn chunk_prefix(run_id: &str, type_name: &str, chunk: u64) -> String {
     format!("{RUNS}/{run_id}/chunks/{type_name}/{chunk:06}/")
 }
 
-fn failure_key(run_id: &str, type_name: &str, chunk: u64) -> String {
+pub fn failure_key(run_id: &str, type_name: &str, chunk: u64) -> String {
     format!("{RUNS}/{run_id}/failures/{type_name}-{chunk:06}.json")
 }
 
@@ -376,7 +373,7 @@ fn check_same(
 }
 
 /// The committed attempts of a chunk (commit record keys, oldest attempt first).
-async fn commits(
+pub(crate) async fn commits(
     root: &dyn ObjectStore,
     run_id: &str,
     type_name: &str,
@@ -549,204 +546,6 @@ pub async fn provenances(
         }
     }
     Ok(out)
-}
-
-/// Runs one bank job (the worker's `mask_bank` handler): draws the chunk's masks, writes them
-/// under the attempt's keys and commits with the chunk record last.
-pub(crate) async fn run_job(
-    j: &MaskBankJob,
-    root: Arc<dyn ObjectStore>,
-    models: &ModelCache,
-    worker_id: &str,
-    policy: Backoff,
-) -> Result<Outcome, JobError> {
-    let t0 = std::time::Instant::now();
-    let permanent = |cause: String| JobError::Permanent {
-        sample: None,
-        input_uri: None,
-        cause,
-    };
-    let rkey = run_key(&j.run_id);
-    let b = retry(policy, "reading the bank run", StoreError::is_transient, || {
-        root.get(&rkey)
-    })
-    .await
-    .map_err(|e| match e {
-        StoreError::NotFound { uri } => permanent(format!(
-            "bank run record {uri} does not exist (`defectforge masks generate` writes it before publishing; was the bank deleted?)"
-        )),
-        e => JobError::from_store(e, false),
-    })?;
-    let run: BankRun = serde_json::from_slice(&b).map_err(|e| {
-        permanent(format!(
-            "{}: not a bank run record: {e}",
-            root.uri(&run_key(&j.run_id))
-        ))
-    })?;
-    if run.format > RUN_FORMAT {
-        return Err(permanent(format!(
-            "bank run {} has format {} (this worker reads {RUN_FORMAT}): upgrade the worker",
-            j.run_id, run.format
-        )));
-    }
-    let t = run
-        .run_type(&j.type_name)
-        .ok_or_else(|| permanent(format!("bank run {} has no type {}", j.run_id, j.type_name)))?;
-    let indices = t.chunk(run.chunk, j.chunk).to_vec();
-    if indices.is_empty() {
-        return Err(permanent(format!(
-            "bank run {} has no chunk {} of {}",
-            j.run_id, j.chunk, j.type_name
-        )));
-    }
-    let done = retry(
-        policy,
-        "listing chunk commits",
-        StoreError::is_transient,
-        || commits(root.as_ref(), &j.run_id, &j.type_name, j.chunk),
-    )
-    .await
-    .map_err(|e| JobError::from_store(e, false))?;
-    if !done.is_empty() {
-        return Ok(Outcome::Skipped {
-            reason: "bank chunk already committed".into(),
-        });
-    }
-    let model = models.get(&run.model).await.map_err(|e| match e {
-        ModelError::Store(e) => JobError::from_store(e, true),
-        e if e.is_transient() => JobError::Transient(e.to_string()),
-        e => permanent(e.to_string()),
-    })?;
-    if model.manifest.digest != run.model_digest {
-        return Err(permanent(format!(
-            "model {} now has digest {} but bank run {} was planned with {}: it was replaced",
-            run.model, model.manifest.digest, j.run_id, run.model_digest
-        )));
-    }
-    let attempt = ids::new_attempt_id();
-    let dir = format!(
-        "{}{attempt}/",
-        chunk_prefix(&j.run_id, &j.type_name, j.chunk)
-    );
-    let mut entries = vec![];
-    let mut stats = DrawStats::default();
-    let limit = std::time::Duration::from_secs(run.time_limit_s.max(1));
-    for batch in indices.chunks(run.settings.batch.max(1) as usize) {
-        let seeds: Vec<u64> = batch
-            .iter()
-            .map(|&i| mask_seed(run.seed, &t.name, i))
-            .collect();
-        let (m2, emb, settings, s2) = (
-            model.clone(),
-            t.embedding.clone(),
-            run.settings.clone(),
-            seeds.clone(),
-        );
-        let job = tokio::task::spawn_blocking(move || {
-            let mut stats = DrawStats::default();
-            sample_accepted(&m2.model, &emb, &s2, &settings, &mut stats, &mut |_| {})
-                .map(|m| (m, stats))
-        });
-        let (masks, st) = match tokio::time::timeout(limit.saturating_sub(t0.elapsed()), job).await
-        {
-            Err(_) => return Err(JobError::TimedOut(run.time_limit_s)),
-            Ok(Err(e)) => return Err(JobError::Transient(format!("sampling thread failed: {e}"))),
-            Ok(Ok(r)) => r.map_err(|f| {
-                let which = f
-                    .index
-                    .map(|k| format!("{} mask {}: ", t.name, batch[k]))
-                    .unwrap_or_default();
-                match f.error {
-                    GenError::Input(m) => permanent(format!("{which}{m}")),
-                    GenError::Transient(m) => JobError::Transient(format!("{which}{m}")),
-                }
-            })?,
-        };
-        stats.add(&st);
-        for ((&index, &seed), lm) in batch.iter().zip(&seeds).zip(masks) {
-            let png = imaging::encode_png_gray(&lm.mask)
-                .map_err(|e| JobError::Transient(e.to_string()))?;
-            let file = format!("{index:06}.png");
-            let latent = imaging::latent_mask_area(&lm.mask);
-            entries.push(BankEntry {
-                file: file.clone(),
-                index,
-                seed,
-                attempts: lm.attempts,
-                prompt: lm.prompt,
-                area: imaging::mask_stats(&lm.mask).area,
-                latent_mask_area: latent,
-                thin: latent == 0,
-                sha256: ids::sha256_hex(&png),
-            });
-            let (key, body) = (format!("{dir}{file}"), Bytes::from(png));
-            retry(
-                policy,
-                "uploading a bank mask",
-                StoreError::is_transient,
-                || root.put(&key, body.clone(), "image/png"),
-            )
-            .await
-            .map_err(|e| JobError::from_store(e, false))?;
-        }
-    }
-    if t0.elapsed() > limit {
-        return Err(JobError::TimedOut(run.time_limit_s));
-    }
-    let n = entries.len();
-    let commit = ChunkCommit {
-        attempt: attempt.clone(),
-        worker_id: worker_id.to_string(),
-        masks: entries,
-        stats,
-        committed_at: chrono::Utc::now().to_rfc3339(),
-    };
-    let key = format!(
-        "{}{attempt}.json",
-        chunk_prefix(&j.run_id, &j.type_name, j.chunk)
-    );
-    let body = Bytes::from(serde_json::to_vec_pretty(&commit).expect("json"));
-    retry(
-        policy,
-        "committing the bank chunk",
-        StoreError::is_transient,
-        || root.put(&key, body.clone(), "application/json"),
-    )
-    .await
-    .map_err(|e| JobError::from_store(e, false))?;
-    let _ = root
-        .delete(&failure_key(&j.run_id, &j.type_name, j.chunk))
-        .await;
-    info!(r#type = %t.name, chunk = j.chunk, masks = n, drawn = stats.drawn, "mask bank chunk committed");
-    Ok(Outcome::Committed { samples: n })
-}
-
-/// Writes the failure record of a dead-lettered bank job.
-pub(crate) async fn record_failure(
-    j: &MaskBankJob,
-    root: Arc<dyn ObjectStore>,
-    worker_id: &str,
-    policy: Backoff,
-    f: Failure,
-) -> Result<(), StoreError> {
-    let rec = ChunkFailure {
-        type_name: j.type_name.clone(),
-        chunk: j.chunk,
-        cause: f.cause,
-        class: f.class.to_string(),
-        worker_id: worker_id.to_string(),
-        deliveries: f.deliveries,
-        at: chrono::Utc::now().to_rfc3339(),
-    };
-    let key = failure_key(&j.run_id, &j.type_name, j.chunk);
-    let body = Bytes::from(serde_json::to_vec_pretty(&rec).expect("json"));
-    retry(
-        policy,
-        "writing a bank failure record",
-        StoreError::is_transient,
-        || root.put(&key, body.clone(), "application/json"),
-    )
-    .await
 }
 
 /// Whether two settings sample the same masks (the batch size and the draw limit do not change

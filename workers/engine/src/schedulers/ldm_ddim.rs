@@ -60,24 +60,7 @@ impl Default for ScheduleConfig {
     }
 }
 
-/// torch.linspace in float64 (torch's CPU kernel fills the first half forwards from `start`
-/// and the second half backwards from `end`).
-fn torch_linspace(start: f64, end: f64, n: usize) -> Vec<f64> {
-    if n == 1 {
-        return vec![start];
-    }
-    let step = (end - start) / (n - 1) as f64;
-    let half = n / 2;
-    (0..n)
-        .map(|i| {
-            if i < half {
-                start + step * i as f64
-            } else {
-                end - step * (n - i - 1) as f64
-            }
-        })
-        .collect()
-}
+use super::torch_linspace;
 
 /// The DDPM schedule: float64 values and the float32 buffers the official model registers.
 #[derive(Debug, Clone)]

@@ -37,35 +37,19 @@ use crate::noise::NoiseSource;
 /// Bilinear resize of `[B, C, H, W]` to `(oh, ow)` with `align_corners=False` and no
 /// antialiasing — torchvision 0.13.1's tensor `Resize`, i.e. `F.interpolate(mode="bilinear")`,
 /// which the official code uses for every mask and weight map. Computed in f32 with PyTorch's
-/// source-index rule `max(scale·(dst + ½) − ½, 0)`.
+/// source-index rule `max(scale·(dst + ½) − ½, 0)`, per plane by the kernel the core crate
+/// uses too (`defectforge_kernels::resize_bilinear_f32`).
 pub fn resize_bilinear(x: &Tensor, oh: usize, ow: usize) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     if (h, w) == (oh, ow) {
         return Ok(x.clone());
     }
-    let axis = |inp: usize, out: usize| -> Vec<(usize, usize, f32)> {
-        let scale = inp as f32 / out as f32;
-        (0..out)
-            .map(|d| {
-                let src = (scale * (d as f32 + 0.5) - 0.5).max(0.0);
-                let i0 = (src as usize).min(inp - 1);
-                let i1 = (i0 + 1).min(inp - 1);
-                (i0, i1, src - i0 as f32)
-            })
-            .collect()
-    };
-    let (ys, xs) = (axis(h, oh), axis(w, ow));
     let v: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let mut out = Vec::with_capacity(b * c * oh * ow);
     for plane in v.chunks_exact(h * w) {
-        for &(y0, y1, ly) in &ys {
-            let (r0, r1) = (&plane[y0 * w..y0 * w + w], &plane[y1 * w..y1 * w + w]);
-            for &(x0, x1, lx) in &xs {
-                let top = (1.0 - lx) * r0[x0] + lx * r0[x1];
-                let bot = (1.0 - lx) * r1[x0] + lx * r1[x1];
-                out.push((1.0 - ly) * top + ly * bot);
-            }
-        }
+        out.extend(defectforge_kernels::resize_bilinear_f32(
+            plane, w as u32, h as u32, ow as u32, oh as u32,
+        ));
     }
     Ok(Tensor::from_vec(out, (b, c, oh, ow), x.device())?.to_dtype(x.dtype())?)
 }

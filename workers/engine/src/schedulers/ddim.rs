@@ -75,21 +75,7 @@ impl DdimConfig {
 
 /// torch.linspace(start, end, n, dtype=float32): both ends computed from their own side.
 fn linspace_f32(start: f64, end: f64, n: usize) -> Vec<f32> {
-    let (s, e) = (start as f32, end as f32);
-    if n == 1 {
-        return vec![s];
-    }
-    let step = (e - s) / (n - 1) as f32;
-    let half = n / 2;
-    (0..n)
-        .map(|i| {
-            if i < half {
-                s + step * i as f32
-            } else {
-                e - step * (n - i - 1) as f32
-            }
-        })
-        .collect()
+    super::torch_linspace_f32(start as f32, end as f32, n)
 }
 
 /// Which quantity the model predicts.
