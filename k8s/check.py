@@ -108,7 +108,11 @@ def check_overlay(name, objs, envs):
     # probes on the worker's endpoint
     cms = {o["metadata"]["name"]: o.get("data", {}) for o in find(objs, "ConfigMap")}
     wcfg = cms.get("defectforge-worker", {})
-    port = int(wcfg.get("DEFECTFORGE_HTTP_ADDR", "0.0.0.0:9090").rsplit(":", 1)[1])
+    # the worker binds loopback by default: the pod must ask for an address probes can reach
+    addr = wcfg.get("DEFECTFORGE_HTTP_ADDR", "127.0.0.1:9090")
+    if addr.rsplit(":", 1)[0] in ("127.0.0.1", "localhost", "[::1]"):
+        fail(where, f"DEFECTFORGE_HTTP_ADDR {addr} is loopback: probes and Prometheus cannot reach it (set 0.0.0.0:9090)")
+    port = int(addr.rsplit(":", 1)[1])
     ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
     for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
         p = c.get(probe)

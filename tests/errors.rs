@@ -45,6 +45,18 @@ async fn unavailable_services_and_bad_campaigns_fail_cleanly() {
         "{e}"
     );
     assert!(!e.contains("hunter2"), "password leaked: {e}");
+    // the same URL without "//" (URL parsers accept it): still no password in the output
+    let o = sc
+        .cmd("defectforge")
+        .args(["submit", good])
+        .env("DEFECTFORGE_AMQP_URL", "amqp:guest:hunter2@127.0.0.1:1/%2f")
+        .env("DEFECTFORGE_AMQP_TIMEOUT_S", "5")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("guest:****@127.0.0.1:1"), "{e}");
+    assert!(!e.contains("hunter2"), "password leaked: {e}");
     assert_nothing_written(&sc, &output).await;
 
     // wrong S3 credentials
@@ -123,6 +135,40 @@ generator = "stable-diffusion-xl"
     }
     let o = sc.cli(&["plan", bad.to_str().unwrap()]);
     assert!(!o.status.success());
+    // counts past the planner's bounds are refused before anything is written (they used to
+    // pass `plan` and make `submit` panic after writing the campaign record)
+    let huge = sc.write(
+        "huge.toml",
+        &format!(
+            r#"
+name = "huge"
+seed = 1
+output = "{output}"
+[dataset]
+source = "{d}"
+[categories.carpet.defects.color]
+count = 9223372036854775807
+[categories.carpet.defects.cut]
+count = 600000000
+mask = "scar"
+[categories.carpet.defects.hole]
+count = 600000000
+mask = "scar"
+"#,
+            d = local.display()
+        ),
+    );
+    for cmd in ["plan", "submit"] {
+        let o = sc.cli(&[cmd, huge.to_str().unwrap()]);
+        let e = stderr(&o);
+        assert!(!o.status.success(), "{cmd} accepted i64::MAX samples");
+        assert!(
+            e.contains("categories.carpet.defects.color.count must be <= 1000000000")
+                && e.contains("more than 1000000000 samples in total"),
+            "{cmd}: {e}"
+        );
+        assert!(!e.contains("panicked"), "{e}");
+    }
     // a TOML syntax error names the file and the line
     let syn = sc.write("syntax.toml", "name = \"x\"\nseed = [1,\n");
     let o = sc.cli(&["plan", syn.to_str().unwrap()]);

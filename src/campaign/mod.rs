@@ -18,6 +18,9 @@ pub const DEFAULT_SHARD_SIZE: u32 = 32;
 /// Default per-shard wall-clock limit. It must stay below RabbitMQ's consumer_timeout (30 min by
 /// default) so that the worker, not the broker, decides what a stuck shard means.
 pub const DEFAULT_SHARD_TIME_LIMIT_S: u64 = 20 * 60;
+/// The most samples a campaign may ask for, per defect type and in total (far above any
+/// dataset; it keeps plan arithmetic, shard lists and records within bounds).
+pub const MAX_SAMPLES: u64 = 1_000_000_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CampaignError {

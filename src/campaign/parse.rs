@@ -214,6 +214,15 @@ impl Campaign {
             }
         }
 
+        let total = categories
+            .values()
+            .flat_map(|c: &CategorySpec| c.defects.values())
+            .try_fold(0u64, |t, d| t.checked_add(d.count));
+        if total.is_none_or(|t| t > MAX_SAMPLES) {
+            w.problems.push(format!(
+                "the campaign asks for more than {MAX_SAMPLES} samples in total; split it into several campaigns"
+            ));
+        }
         if !w.problems.is_empty() {
             return Err(CampaignError::Invalid {
                 path: origin.to_string(),
@@ -345,6 +354,15 @@ fn parse_defect(
         ],
     );
     let count = w.int_opt(d, dpath, "count", 1);
+    let count = match count {
+        Some(n) if n as u64 > MAX_SAMPLES => {
+            w.problems.push(format!(
+                "{dpath}.count must be <= {MAX_SAMPLES} (got {n}); split the work into several campaigns"
+            ));
+            None
+        }
+        c => c,
+    };
     if !d.contains_key("count") {
         w.problems.push(format!(
             "{dpath}.count: missing (how many samples of this type to generate)"

@@ -45,13 +45,44 @@ impl Default for AmqpConfig {
 
 /// Replaces the password of an AMQP or HTTP URL with `****` for logs and errors.
 pub fn redact_url(url: &str) -> String {
-    if let Some((scheme, rest)) = url.split_once("://") {
-        if let Some((userinfo, host)) = rest.rsplit_once('@') {
+    let Some((before, host)) = url.rsplit_once('@') else {
+        return url.to_string();
+    };
+    match split_userinfo(before) {
+        Some((scheme, userinfo)) => {
             let user = userinfo.split(':').next().unwrap_or("");
-            return format!("{scheme}://{user}:****@{host}");
+            format!("{scheme}://{user}:****@{host}")
         }
+        None => format!("****@{host}"),
     }
-    url.to_string()
+}
+
+/// (scheme, user info) of what precedes the '@' of a broker URL: after "://", or after
+/// `amqp:`/`amqps:` in the form without slashes that URL parsers also accept.
+fn split_userinfo(before: &str) -> Option<(&str, &str)> {
+    before.split_once("://").or_else(|| {
+        ["amqps", "amqp"]
+            .into_iter()
+            .find_map(|s| before.strip_prefix(s)?.strip_prefix(':').map(|u| (s, u)))
+    })
+}
+
+/// The password written in a broker URL, if any.
+fn url_password(url: &str) -> Option<&str> {
+    let (before, _) = url.rsplit_once('@')?;
+    let userinfo = split_userinfo(before).map_or(before, |(_, u)| u);
+    userinfo
+        .split_once(':')
+        .map(|(_, p)| p)
+        .filter(|p| !p.is_empty())
+}
+
+/// `msg` with the URL's password replaced (client libraries may quote the URL they failed on).
+fn scrub(msg: &str, url: &str) -> String {
+    match url_password(url) {
+        Some(p) => msg.replace(p, "****"),
+        None => msg.to_string(),
+    }
 }
 
 pub struct AmqpQueue {
@@ -86,7 +117,7 @@ impl AmqpQueue {
             })?
             .map_err(|e| QueueError::Connect {
                 url: redact_url(&cfg.url),
-                message: e.to_string(),
+                message: scrub(&e.to_string(), &cfg.url),
             })?;
         let publish_ch = conn
             .create_channel()
@@ -451,5 +482,19 @@ mod tests {
             "amqp://bob:****@rabbit:5672/%2f"
         );
         assert_eq!(redact_url("amqp://rabbit:5672"), "amqp://rabbit:5672");
+        // without "//" (accepted by URL parsers): still redacted
+        assert_eq!(
+            redact_url("amqp:bob:s3cret@rabbit:5672"),
+            "amqp://bob:****@rabbit:5672"
+        );
+        assert_eq!(redact_url("bob:s3cret@rabbit"), "****@rabbit");
+        assert_eq!(
+            scrub(
+                "invalid URL amqp:bob:s3cret@rabbit",
+                "amqp:bob:s3cret@rabbit"
+            ),
+            "invalid URL amqp:bob:****@rabbit"
+        );
+        assert_eq!(url_password("amqp://rabbit"), None);
     }
 }

@@ -80,7 +80,11 @@ impl ObjectStore for LocalStore {
             let dir = path.parent().expect("key has a parent");
             std::fs::create_dir_all(dir).map_err(|e| this.err(&key2, e))?;
             let tmp = dir.join(format!(".tmp-{:016x}", rand::random::<u64>()));
-            std::fs::write(&tmp, &body).map_err(|e| this.err(&key2, e))?;
+            // a failed write (disk full) must not leave its partial temp file behind
+            std::fs::write(&tmp, &body).map_err(|e| {
+                let _ = std::fs::remove_file(&tmp);
+                this.err(&key2, e)
+            })?;
             std::fs::rename(&tmp, &path).map_err(|e| {
                 let _ = std::fs::remove_file(&tmp);
                 this.err(&key2, e)

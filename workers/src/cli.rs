@@ -83,16 +83,24 @@ pub enum LogFormat {
 
 /// Logs to stderr through tracing; RUST_LOG filters (default info).
 pub fn init_logging(format: LogFormat) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(
             "info,aws=warn,lapin=warn,aws_smithy_runtime=warn,aws_config=error",
         )
     });
+    // The AMQP client logs its frames, the login frame with the password among them, at debug
+    // and trace: its events above info are dropped, whatever RUST_LOG asks.
+    let quiet_amqp = tracing_subscriber::filter::filter_fn(|m| {
+        *m.level() <= tracing::Level::INFO
+            || !(m.target().starts_with("lapin") || m.target().starts_with("amq_protocol"))
+    });
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     let _ = match format {
-        LogFormat::Json => b.json().try_init(),
-        LogFormat::Text => b.try_init(),
+        LogFormat::Json => b.json().finish().with(quiet_amqp).try_init(),
+        LogFormat::Text => b.finish().with(quiet_amqp).try_init(),
     };
 }

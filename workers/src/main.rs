@@ -45,7 +45,7 @@ struct Args {
     #[arg(long, env = "DEFECTFORGE_MODEL_CACHE", default_value_os_t = defectforge_worker::models::default_cache_dir())]
     model_cache: std::path::PathBuf,
     /// address of the HTTP endpoint (/healthz, /readyz, /metrics); `off` disables it
-    #[arg(long, env = "DEFECTFORGE_HTTP_ADDR", default_value = "0.0.0.0:9090")]
+    #[arg(long, env = "DEFECTFORGE_HTTP_ADDR", default_value = "127.0.0.1:9090")]
     http_addr: String,
     /// log format
     #[arg(long, env = "DEFECTFORGE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -207,5 +207,22 @@ async fn run(args: Args) -> Result<i32> {
             "worker stopping ({end:?})"
         );
         return Ok(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_http_endpoint_binds_loopback_unless_configured() {
+        let cmd = Args::command();
+        let a = cmd
+            .get_arguments()
+            .find(|a| a.get_id() == "http_addr")
+            .unwrap();
+        assert_eq!(a.get_default_values(), ["127.0.0.1:9090"]);
+        assert_eq!(a.get_env().unwrap(), "DEFECTFORGE_HTTP_ADDR");
     }
 }
