@@ -73,15 +73,11 @@ impl MaskBankJob {
                 self.run_id
             )));
         }
-        match self.type_name.split_once('+') {
-            Some((c, d))
-                if crate::campaign::is_safe_name(c) && crate::campaign::is_safe_name(d) => {}
-            _ => {
-                return Err(bad(format!(
-                    "type {:?} is not <category>+<defect>",
-                    self.type_name
-                )))
-            }
+        if crate::campaign::split_type_name(&self.type_name).is_none() {
+            return Err(bad(format!(
+                "type {:?} is not <category>+<defect>",
+                self.type_name
+            )));
         }
         Ok(self)
     }

@@ -195,7 +195,7 @@ impl fmt::Display for Prompt {
 struct Problems(Vec<String>);
 
 /// `path.key`, or `key` alone under the empty path.
-fn key_path(path: &str, key: &str) -> String {
+pub(crate) fn key_path(path: &str, key: &str) -> String {
     if path.is_empty() {
         key.to_string()
     } else {

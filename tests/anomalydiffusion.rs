@@ -337,6 +337,7 @@ feather_px = 2.0
             .map(|(x, y)| (*x as f64 - *y as f64).abs())
             .sum::<f64>()
             / a.as_raw().len() as f64;
+        eprintln!("{id_a}: mixed vs per-type shard, mean |Δ| = {mad:.4}");
         assert!(
             mad < 0.5,
             "{id_a}: the mixed shard painted something else (mean |Δ| = {mad:.2})"

@@ -578,25 +578,17 @@ async fn run_bank_jobs(
     how: &BankRunArgs,
     s3: &S3Config,
 ) -> Result<defectforge_worker::masks::bank::RunProgress> {
-    use defectforge::job::MaskBankJob;
     use defectforge_worker::masks::bank;
     let before = bank::progress(root, run).await?;
     // chunks failed by an earlier run are retried
-    for (t, k) in &before.pending {
-        root.delete(&bank::failure_key(&run.run_id, t, *k)).await?;
+    for f in &before.failures {
+        root.delete(&bank::failure_key(&run.run_id, &f.type_name, f.chunk))
+            .await?;
     }
     let jobs: Vec<Vec<u8>> = before
         .pending
         .iter()
-        .map(|(t, k)| {
-            Job::MaskBank(MaskBankJob {
-                bank: dest.to_string(),
-                run_id: run.run_id.clone(),
-                type_name: t.clone(),
-                chunk: *k,
-            })
-            .to_bytes()
-        })
+        .map(|(t, k)| Job::MaskBank(run.job(dest, t, *k)).to_bytes())
         .collect();
     eprintln!(
         "{}: drawing {} masks of {} type(s) in {} job(s){}",

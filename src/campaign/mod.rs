@@ -173,6 +173,13 @@ pub fn is_safe_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
 }
 
+/// Splits a defect type written `<category>+<defect>` (mask banks, mask models, embeddings),
+/// when both names are safe.
+pub fn split_type_name(t: &str) -> Option<(&str, &str)> {
+    t.split_once('+')
+        .filter(|(c, d)| is_safe_name(c) && is_safe_name(d))
+}
+
 mod parse;
 mod walk;
 

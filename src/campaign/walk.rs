@@ -204,13 +204,7 @@ impl Walker {
     }
 }
 
-pub(super) fn join(path: &str, key: &str) -> String {
-    if path.is_empty() {
-        key.to_string()
-    } else {
-        format!("{path}.{key}")
-    }
-}
+pub(super) use crate::settings::key_path as join;
 
 pub(super) fn check_location(w: &mut Walker, path: &str, loc: &str) {
     if let Some(rest) = loc.strip_prefix("s3://") {

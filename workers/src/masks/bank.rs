@@ -21,7 +21,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use defectforge::campaign::{is_safe_name, MaskModelSettings};
+use defectforge::campaign::{split_type_name, MaskModelSettings};
 use defectforge::ids;
 use defectforge::job::MaskBankJob;
 use defectforge::store::{self, ObjectStore, S3Config, StoreError};
@@ -95,9 +95,9 @@ pub struct BankRequest {
 
 /// Splits `<category>+<defect>`.
 pub fn split_type(t: &str) -> Result<(String, String), BankError> {
-    match t.split_once('+') {
-        Some((c, d)) if is_safe_name(c) && is_safe_name(d) => Ok((c.to_string(), d.to_string())),
-        _ => Err(BankError::Invalid(format!(
+    match split_type_name(t) {
+        Some((c, d)) => Ok((c.to_string(), d.to_string())),
+        None => Err(BankError::Invalid(format!(
             "type {t:?}: expected <category>+<defect> (e.g. bottle+broken_large), each 1-64 of A-Z a-z 0-9 _ - ."
         ))),
     }
@@ -119,8 +119,6 @@ pub(crate) const RUN_FORMAT: u32 = 1;
 /// One type of a bank run: the mask indices still to draw.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunType {
-    /// `<category>+<defect>`
-    pub name: String,
     pub category: String,
     pub defect_type: String,
     pub embedding: String,
@@ -129,6 +127,11 @@ pub struct RunType {
 }
 
 impl RunType {
+    /// `<category>+<defect>`
+    pub fn name(&self) -> String {
+        format!("{}+{}", self.category, self.defect_type)
+    }
+
     pub fn chunks(&self, chunk: u64) -> u64 {
         (self.todo.len() as u64).div_ceil(chunk.max(1))
     }
@@ -162,19 +165,29 @@ pub struct BankRun {
 }
 
 impl BankRun {
-    /// Every job of the run.
-    pub fn jobs(&self, bank: &str) -> Vec<MaskBankJob> {
-        self.types
-            .iter()
-            .flat_map(|t| {
-                (0..t.chunks(self.chunk)).map(|k| MaskBankJob {
-                    bank: bank.to_string(),
-                    run_id: self.run_id.clone(),
-                    type_name: t.name.clone(),
-                    chunk: k,
-                })
-            })
-            .collect()
+    /// The job of chunk `chunk` of type `type_name` (in the bank at `bank`).
+    pub fn job(&self, bank: &str, type_name: &str, chunk: u64) -> MaskBankJob {
+        MaskBankJob {
+            bank: bank.to_string(),
+            run_id: self.run_id.clone(),
+            type_name: type_name.to_string(),
+            chunk,
+        }
+    }
+
+    /// The run id: a digest of everything that decides the masks (model digest, seed,
+    /// settings, chunk size, the indices to draw), so that the same request is the same run
+    /// and a record whose contents do not match its id is refused.
+    pub fn digest_id(&self) -> String {
+        let identity = serde_json::json!({
+            "digest": self.model_digest,
+            "seed": self.seed,
+            "settings": self.settings,
+            "chunk": self.chunk,
+            "types": self.types,
+        });
+        let h = ids::sha256_hex(&serde_json::to_vec(&identity).expect("json"));
+        format!("bank-{}", &h[..16])
     }
 
     pub fn total(&self) -> u64 {
@@ -182,7 +195,7 @@ impl BankRun {
     }
 
     pub fn run_type(&self, name: &str) -> Option<&RunType> {
-        self.types.iter().find(|t| t.name == name)
+        self.types.iter().find(|t| t.name() == name)
     }
 }
 
@@ -190,8 +203,10 @@ pub(crate) fn run_key(run_id: &str) -> String {
     format!("{RUNS}/{run_id}/run.json")
 }
 
-pub(crate) fn chunk_prefix(run_id: &str, type_name: &str, chunk: u64) -> String {
-    format!("{RUNS}/{run_id}/chunks/{type_name}/{chunk:06}/")
+/// `.runs/<run>/chunks/`: every chunk's attempts (`<type>/<chunk>/<attempt>/…`) and commit
+/// records (`<type>/<chunk>/<attempt>.json`).
+pub(crate) fn chunks_root(run_id: &str) -> String {
+    format!("{RUNS}/{run_id}/chunks/")
 }
 
 pub fn failure_key(run_id: &str, type_name: &str, chunk: u64) -> String {
@@ -202,7 +217,6 @@ pub fn failure_key(run_id: &str, type_name: &str, chunk: u64) -> String {
 /// after every mask of the attempt (`…/<chunk>/<attempt>/<index>.png`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChunkCommit {
-    pub attempt: String,
     pub worker_id: String,
     /// the masks, `file` relative to the attempt's folder
     pub masks: Vec<BankEntry>,
@@ -257,7 +271,6 @@ pub async fn prepare(
             .flat_map(|p| p.masks.iter().map(|m| m.index))
             .collect();
         run_types.push(RunType {
-            name: format!("{c}+{d}"),
             category: c.clone(),
             defect_type: d.clone(),
             embedding: name,
@@ -280,15 +293,7 @@ pub async fn prepare(
         types: run_types,
         created_at: chrono::Utc::now().to_rfc3339(),
     };
-    let identity = serde_json::json!({
-        "digest": run.model_digest,
-        "seed": run.seed,
-        "settings": run.settings,
-        "chunk": run.chunk,
-        "types": run.types,
-    });
-    let h = ids::sha256_hex(&serde_json::to_vec(&identity).expect("json"));
-    run.run_id = format!("bank-{}", &h[..16]);
+    run.run_id = run.digest_id();
     if run.total() == 0 {
         return Ok((run, root));
     }
@@ -372,21 +377,31 @@ fn check_same(
     )))
 }
 
-/// The committed attempts of a chunk (commit record keys, oldest attempt first).
-pub(crate) async fn commits(
+/// Whether a key below a chunk's folder is a commit record (`<attempt>.json`, not a staged
+/// mask below `<attempt>/`).
+pub(crate) fn is_commit(rest: &str) -> bool {
+    rest.ends_with(".json") && !rest.contains('/')
+}
+
+/// The first committed attempt of every chunk of a run, from one listing
+/// (`.runs/<run>/chunks/<type>/<chunk>/<attempt>.json`).
+async fn first_commits(
     root: &dyn ObjectStore,
-    run_id: &str,
-    type_name: &str,
-    chunk: u64,
-) -> Result<Vec<String>, StoreError> {
-    let prefix = chunk_prefix(run_id, type_name, chunk);
-    Ok(root
-        .list(&prefix)
-        .await?
-        .into_iter()
-        .map(|o| o.key)
-        .filter(|k| k[prefix.len()..].ends_with(".json") && !k[prefix.len()..].contains('/'))
-        .collect())
+    run: &BankRun,
+) -> Result<std::collections::BTreeMap<(String, u64), String>, StoreError> {
+    let base = chunks_root(&run.run_id);
+    let mut out = std::collections::BTreeMap::new();
+    // keys are listed in order, so the first commit of a chunk is its oldest attempt
+    for o in root.list(&base).await? {
+        let mut parts = o.key[base.len()..].splitn(3, '/');
+        let (Some(t), Some(k), Some(rest)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        if let (Ok(k), true) = (k.parse::<u64>(), is_commit(rest)) {
+            out.entry((t.to_string(), k)).or_insert(o.key);
+        }
+    }
+    Ok(out)
 }
 
 /// Where a run stands: chunks committed and failures recorded, from the store.
@@ -401,27 +416,15 @@ pub struct RunProgress {
 
 pub async fn progress(root: &dyn ObjectStore, run: &BankRun) -> Result<RunProgress, BankError> {
     let mut p = RunProgress::default();
-    let listed: std::collections::BTreeSet<String> = root
-        .list(&format!("{RUNS}/{}/chunks/", run.run_id))
-        .await?
-        .into_iter()
-        .map(|o| o.key)
-        .collect();
+    let commits = first_commits(root, run).await?;
     for t in &run.types {
+        let name = t.name();
         for k in 0..t.chunks(run.chunk) {
-            let prefix = chunk_prefix(&run.run_id, &t.name, k);
-            let done = listed
-                .range(prefix.clone()..)
-                .take_while(|x| x.starts_with(&prefix))
-                .any(|x| {
-                    let rest = &x[prefix.len()..];
-                    rest.ends_with(".json") && !rest.contains('/')
-                });
-            if done {
+            if commits.contains_key(&(name.clone(), k)) {
                 p.masks += t.chunk(run.chunk, k).len() as u64;
-                p.committed.push((t.name.clone(), k));
+                p.committed.push((name.clone(), k));
             } else {
-                p.pending.push((t.name.clone(), k));
+                p.pending.push((name.clone(), k));
             }
         }
     }
@@ -450,8 +453,10 @@ pub async fn merge(
     root: &dyn ObjectStore,
     run: &BankRun,
 ) -> Result<Vec<TypeProvenance>, BankError> {
+    let commits = first_commits(root, run).await?;
     let mut out = vec![];
     for t in &run.types {
+        let name = t.name();
         let now = chrono::Utc::now().to_rfc3339();
         let mut prov = match read_provenance(root, &t.category, &t.defect_type).await? {
             Some(p) => p,
@@ -480,15 +485,11 @@ pub async fn merge(
             if want.iter().all(|i| have.contains(i)) {
                 continue;
             }
-            let Some(key) = commits(root, &run.run_id, &t.name, k)
-                .await?
-                .into_iter()
-                .next()
-            else {
+            let Some(key) = commits.get(&(name.clone(), k)) else {
                 continue;
             };
-            let commit: ChunkCommit = serde_json::from_slice(&root.get(&key).await?)
-                .map_err(|e| BankError::Invalid(format!("{}: {e}", root.uri(&key))))?;
+            let commit: ChunkCommit = serde_json::from_slice(&root.get(key).await?)
+                .map_err(|e| BankError::Invalid(format!("{}: {e}", root.uri(key))))?;
             let dir = format!("{}/", key.trim_end_matches(".json"));
             for m in &commit.masks {
                 if have.contains(&m.index) {
@@ -499,7 +500,7 @@ pub async fn merge(
                     return Err(BankError::Invalid(format!(
                         "{}: its digest differs from the commit record {} (the object was replaced)",
                         root.uri(&format!("{dir}{}", m.file)),
-                        root.uri(&key)
+                        root.uri(key)
                     )));
                 }
                 let file = format!("{:06}.png", m.index);
@@ -520,13 +521,13 @@ pub async fn merge(
                 "application/json",
             )
             .await?;
-            info!(r#type = %t.name, masks = prov.masks.len(), "mask bank type merged");
+            info!(r#type = %name, masks = prov.masks.len(), "mask bank type merged");
         }
         out.push(prov);
     }
     // The masks now live in the bank; the run's staged copies are no longer needed (its
     // records stay as the audit trail).
-    for o in root.list(&format!("{RUNS}/{}/chunks/", run.run_id)).await? {
+    for o in root.list(&chunks_root(&run.run_id)).await? {
         if o.key.ends_with(".png") {
             root.delete(&o.key).await?;
         }
@@ -587,5 +588,46 @@ mod tests {
             ..a.clone()
         };
         assert!(!same_sampling(&a, &c));
+    }
+
+    #[test]
+    fn a_run_id_is_the_digest_of_what_decides_its_masks() {
+        let t = RunType {
+            category: "bottle".into(),
+            defect_type: "broken_large".into(),
+            embedding: "bottle+broken_large".into(),
+            todo: vec![0, 1, 2, 3, 4],
+        };
+        assert_eq!(t.name(), "bottle+broken_large");
+        assert_eq!(t.chunks(2), 3);
+        assert_eq!(t.chunk(2, 2), &[4]);
+        let run = BankRun {
+            format: RUN_FORMAT,
+            run_id: String::new(),
+            model: "s3://b/models/ad-1".into(),
+            model_id: "ad-1".into(),
+            model_digest: "d".into(),
+            seed: 3,
+            settings: MaskModelSettings::default(),
+            chunk: 2,
+            time_limit_s: 60,
+            count: 5,
+            types: vec![t],
+            created_at: "now".into(),
+        };
+        let id = run.digest_id();
+        assert!(defectforge::ids::is_safe_campaign_id(&id), "{id}");
+        // when it was made and how long a job may take do not change the masks
+        let later = BankRun {
+            created_at: "later".into(),
+            time_limit_s: 600,
+            ..run.clone()
+        };
+        assert_eq!(later.digest_id(), id);
+        let mut fewer = run.clone();
+        fewer.types[0].todo.pop();
+        assert_ne!(fewer.digest_id(), id);
+        let reseeded = BankRun { seed: 4, ..run };
+        assert_ne!(reseeded.digest_id(), id);
     }
 }

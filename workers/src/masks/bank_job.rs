@@ -11,7 +11,7 @@ use defectforge::{ids, imaging};
 use tracing::info;
 
 use super::bank::{
-    chunk_prefix, commits, failure_key, mask_seed, run_key, BankEntry, BankRun, ChunkCommit,
+    chunks_root, failure_key, is_commit, mask_seed, run_key, BankEntry, BankRun, ChunkCommit,
     ChunkFailure, RUN_FORMAT,
 };
 use super::learned::sample_accepted;
@@ -19,6 +19,27 @@ use super::DrawStats;
 use crate::generators::GenError;
 use crate::models::{ModelCache, ModelError};
 use crate::protocol::{Failure, JobError, Outcome};
+
+fn chunk_prefix(run_id: &str, type_name: &str, chunk: u64) -> String {
+    format!("{}{type_name}/{chunk:06}/", chunks_root(run_id))
+}
+
+/// The committed attempts of one chunk (commit record keys, oldest attempt first).
+async fn commits(
+    root: &dyn ObjectStore,
+    run_id: &str,
+    type_name: &str,
+    chunk: u64,
+) -> Result<Vec<String>, StoreError> {
+    let prefix = chunk_prefix(run_id, type_name, chunk);
+    Ok(root
+        .list(&prefix)
+        .await?
+        .into_iter()
+        .map(|o| o.key)
+        .filter(|k| k.strip_prefix(&prefix).is_some_and(is_commit))
+        .collect())
+}
 
 /// Runs one bank job (the worker's `mask_bank` handler): draws the chunk's masks, writes them
 /// under the attempt's keys and commits with the chunk record last.
@@ -56,6 +77,12 @@ pub(crate) async fn run_job(
         return Err(permanent(format!(
             "bank run {} has format {} (this worker reads {RUN_FORMAT}): upgrade the worker",
             j.run_id, run.format
+        )));
+    }
+    if run.digest_id() != j.run_id {
+        return Err(permanent(format!(
+            "{}: its contents do not match its id (edited by hand?); run `defectforge masks generate` again",
+            root.uri(&rkey)
         )));
     }
     let t = run
@@ -103,7 +130,7 @@ pub(crate) async fn run_job(
     for batch in indices.chunks(run.settings.batch.max(1) as usize) {
         let seeds: Vec<u64> = batch
             .iter()
-            .map(|&i| mask_seed(run.seed, &t.name, i))
+            .map(|&i| mask_seed(run.seed, &j.type_name, i))
             .collect();
         let (m2, emb, settings, s2) = (
             model.clone(),
@@ -123,7 +150,7 @@ pub(crate) async fn run_job(
             Ok(Ok(r)) => r.map_err(|f| {
                 let which = f
                     .index
-                    .map(|k| format!("{} mask {}: ", t.name, batch[k]))
+                    .map(|k| format!("{} mask {}: ", j.type_name, batch[k]))
                     .unwrap_or_default();
                 match f.error {
                     GenError::Input(m) => permanent(format!("{which}{m}")),
@@ -164,7 +191,6 @@ pub(crate) async fn run_job(
     }
     let n = entries.len();
     let commit = ChunkCommit {
-        attempt: attempt.clone(),
         worker_id: worker_id.to_string(),
         masks: entries,
         stats,
@@ -186,7 +212,7 @@ pub(crate) async fn run_job(
     let _ = root
         .delete(&failure_key(&j.run_id, &j.type_name, j.chunk))
         .await;
-    info!(r#type = %t.name, chunk = j.chunk, masks = n, drawn = stats.drawn, "mask bank chunk committed");
+    info!(r#type = %j.type_name, chunk = j.chunk, masks = n, drawn = stats.drawn, "mask bank chunk committed");
     Ok(Outcome::Committed { samples: n })
 }
 

@@ -209,10 +209,7 @@ pub struct ImportInputs {
 pub fn parse_mask_embedding_arg(s: &str) -> Result<(Option<String>, PathBuf), ModelError> {
     match s.split_once('=') {
         Some((name, path)) => {
-            let ok = name.split_once('+').is_some_and(|(c, d)| {
-                defectforge::campaign::is_safe_name(c) && defectforge::campaign::is_safe_name(d)
-            });
-            if !ok {
+            if defectforge::campaign::split_type_name(name).is_none() {
                 return Err(ModelError::Invalid(format!(
                     "--mask-embeddings {s:?}: the name must be <category>+<defect> (as in the anomaly embeddings), e.g. bottle+broken_large=logs/mask-checkpoints/bottle-broken_large/checkpoints/embeddings.pt"
                 )));
