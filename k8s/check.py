@@ -126,6 +126,12 @@ def check_overlay(name, objs, envs):
     for k in wcfg:
         if k not in envs:
             fail(where, f"ConfigMap defectforge-worker key {k} is no flag's environment twin")
+    stores = [x for x in wcfg.get("DEFECTFORGE_STORES", "").split(",") if x.strip()]
+    if not stores:
+        fail(where, "DEFECTFORGE_STORES is not set: the worker refuses to start without the output stores it serves")
+    for st in stores:
+        if not st.startswith("s3://"):
+            fail(where, f"DEFECTFORGE_STORES entry {st} is not s3://: a pod's local paths are not shared with the coordinator")
     if wcfg.get("DEFECTFORGE_PREFETCH", "1") != "1":
         fail(where, "DEFECTFORGE_PREFETCH must be 1 (KEDA's target is one shard per replica)")
     # GPU

@@ -17,13 +17,13 @@ pub fn is_image(name: &str) -> bool {
 }
 
 /// Resolved inputs of one defect type.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DefectInputs {
     /// mask files the type draws from (real: the few-shot split; folder: every mask), sorted
     pub masks: Vec<String>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct CategoryInputs {
     /// normal images, sorted
     pub normals: Vec<String>,
@@ -31,7 +31,7 @@ pub struct CategoryInputs {
 }
 
 /// Every input file a campaign draws from, by category.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DatasetInputs {
     pub categories: BTreeMap<String, CategoryInputs>,
 }

@@ -24,31 +24,97 @@ pub enum ImageError {
         "mask {uri} is empty (no pixel above 127); a defect mask needs at least one defect pixel"
     )]
     EmptyMask { uri: String },
+    #[error("{what} {uri} is {w}x{h} = {} pixels, over the limit of {limit} decoded pixels per input (raise --max-input-pixels / DEFECTFORGE_MAX_INPUT_PIXELS if it is a real input)", *w as u64 * *h as u64)]
+    TooManyPixels {
+        what: &'static str,
+        uri: String,
+        w: u32,
+        h: u32,
+        limit: u64,
+    },
     #[error("encoding PNG failed: {0}")]
     Encode(String),
+}
+
+/// Decoded pixels one input may have unless configured otherwise (40 MP: 6300x6300, far above
+/// MVTec's 1024x1024 and VisA's 1500x1000; a 20000x20000 PNG of a few hundred KB is refused
+/// before anything is allocated).
+pub const DEFAULT_MAX_INPUT_PIXELS: u64 = 40_000_000;
+
+/// The width and height an encoded image declares in its header, read without decoding it.
+pub fn dimensions(bytes: &[u8], what: &'static str, uri: &str) -> Result<(u32, u32), ImageError> {
+    image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.into_dimensions().map_err(|e| e.to_string()))
+        .map_err(|reason| ImageError::Decode {
+            what,
+            uri: uri.to_string(),
+            reason,
+        })
+}
+
+/// Decodes an image whose header declares at most `max_pixels` pixels, with the decoder's own
+/// allocation limit set to match (so a lying header cannot allocate more either).
+pub fn decode_limited(
+    bytes: &[u8],
+    what: &'static str,
+    uri: &str,
+    max_pixels: u64,
+) -> Result<image::DynamicImage, ImageError> {
+    let (w, h) = dimensions(bytes, what, uri)?;
+    if w as u64 * h as u64 > max_pixels {
+        return Err(ImageError::TooManyPixels {
+            what,
+            uri: uri.to_string(),
+            w,
+            h,
+            limit: max_pixels,
+        });
+    }
+    let decode_err = |reason: String| ImageError::Decode {
+        what,
+        uri: uri.to_string(),
+        reason,
+    };
+    let mut r = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| decode_err(e.to_string()))?;
+    let mut limits = image::Limits::default();
+    // 8 bytes per pixel covers 16-bit RGBA, the widest layout decoded here
+    limits.max_alloc = Some(max_pixels.saturating_mul(8).max(1 << 20));
+    r.limits(limits);
+    r.decode().map_err(|e| decode_err(e.to_string()))
 }
 
 /// Decodes any supported image into 8-bit RGB (grey images are replicated to three channels;
 /// 16-bit images are reduced to 8 bits).
 pub fn decode_rgb(bytes: &[u8], what: &'static str, uri: &str) -> Result<RgbImage, ImageError> {
-    image::load_from_memory(bytes)
-        .map(|i| i.to_rgb8())
-        .map_err(|e| ImageError::Decode {
-            what,
-            uri: uri.to_string(),
-            reason: e.to_string(),
-        })
+    decode_rgb_limited(bytes, what, uri, DEFAULT_MAX_INPUT_PIXELS)
+}
+
+/// [`decode_rgb`] with a decoded-pixel limit.
+pub fn decode_rgb_limited(
+    bytes: &[u8],
+    what: &'static str,
+    uri: &str,
+    max_pixels: u64,
+) -> Result<RgbImage, ImageError> {
+    Ok(decode_limited(bytes, what, uri, max_pixels)?.to_rgb8())
 }
 
 /// Decodes a mask and binarises it: pixels > 127 (of the luma) become 255, others 0.
 pub fn decode_mask(bytes: &[u8], uri: &str) -> Result<GrayImage, ImageError> {
-    let g = image::load_from_memory(bytes)
-        .map_err(|e| ImageError::Decode {
-            what: "mask",
-            uri: uri.to_string(),
-            reason: e.to_string(),
-        })?
-        .to_luma8();
+    decode_mask_limited(bytes, uri, DEFAULT_MAX_INPUT_PIXELS)
+}
+
+/// [`decode_mask`] with a decoded-pixel limit.
+pub fn decode_mask_limited(
+    bytes: &[u8],
+    uri: &str,
+    max_pixels: u64,
+) -> Result<GrayImage, ImageError> {
+    let g = decode_limited(bytes, "mask", uri, max_pixels)?.to_luma8();
     Ok(binarize(&g))
 }
 
@@ -200,10 +266,74 @@ pub fn changed_outside(normal: &RgbImage, out: &RgbImage, mask: &GrayImage) -> u
         .count() as u64
 }
 
+/// Inputs for tests of the limits.
+#[doc(hidden)]
+pub mod testing {
+    fn crc32(data: &[u8]) -> u32 {
+        let mut c = 0xffff_ffffu32;
+        for &b in data {
+            c ^= b as u32;
+            for _ in 0..8 {
+                c = if c & 1 != 0 {
+                    0xedb8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
+            }
+        }
+        !c
+    }
+
+    /// A few-byte PNG whose header declares a `w`x`h` 8-bit greyscale image (the pixel data
+    /// is cut off): what a decompression bomb looks like to a header check.
+    pub fn png_declaring(w: u32, h: u32) -> Vec<u8> {
+        let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+        let mut chunk = |kind: &[u8], data: &[u8]| {
+            out.extend((data.len() as u32).to_be_bytes());
+            let mut body = kind.to_vec();
+            body.extend(data);
+            out.extend(&body);
+            out.extend(crc32(&body).to_be_bytes());
+        };
+        let mut ihdr = vec![];
+        ihdr.extend(w.to_be_bytes());
+        ihdr.extend(h.to_be_bytes());
+        ihdr.extend([8, 0, 0, 0, 0]);
+        chunk(b"IHDR", &ihdr);
+        chunk(b"IDAT", &[0x78, 0x01]);
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use image::Luma;
+
+    #[test]
+    fn inputs_over_the_pixel_limit_are_refused_from_their_header() {
+        let bomb = testing::png_declaring(20_000, 20_000);
+        assert!(bomb.len() < 100);
+        assert_eq!(
+            dimensions(&bomb, "normal image", "x.png").unwrap(),
+            (20_000, 20_000)
+        );
+        let e = decode_rgb(&bomb, "normal image", "/d/x.png").unwrap_err();
+        assert!(
+            matches!(e, ImageError::TooManyPixels { w: 20_000, .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("/d/x.png"), "{e}");
+        let e = decode_mask_limited(&bomb, "/d/m.png", 1000).unwrap_err();
+        assert!(e.to_string().contains("--max-input-pixels"), "{e}");
+        // a small image still decodes under a small limit
+        let ok = encode_png_gray(&GrayImage::new(10, 10)).unwrap();
+        assert_eq!(
+            decode_mask_limited(&ok, "m", 100).unwrap().dimensions(),
+            (10, 10)
+        );
+        assert!(decode_mask_limited(&ok, "m", 99).is_err());
+    }
 
     #[test]
     fn thin_masks_vanish_at_the_latent_grid_and_blobs_do_not() {

@@ -5,11 +5,13 @@
 //!
 //! `v` is the format version of the whole protocol: a worker refuses (and leaves for a newer
 //! worker) any message with a newer `v`, and a kind it does not know, with "upgrade the
-//! worker". Messages without `kind` are generation shards of format v2 and older.
+//! worker". Every kind carries identities only (which run, which piece of it, where its record
+//! lives); the work itself is read from the committed record, never from the message. Generation
+//! messages of format v3 and older carried their samples and are refused with the fix.
 
 use serde::{Deserialize, Serialize};
 
-use crate::messages::{MessageError, ShardMessage, MESSAGE_VERSION};
+use crate::messages::{MessageError, MESSAGE_VERSION};
 
 /// The job format version this build writes and the newest it reads.
 pub const JOB_VERSION: u32 = MESSAGE_VERSION;
@@ -18,7 +20,7 @@ pub const JOB_VERSION: u32 = MESSAGE_VERSION;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JobKind {
-    /// one shard of a generation campaign ([`ShardMessage`])
+    /// one shard of a generation campaign ([`GenerateJob`])
     Generate,
     /// one chunk of a mask bank ([`MaskBankJob`])
     MaskBank,
@@ -39,6 +41,44 @@ impl JobKind {
 impl std::fmt::Display for JobKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// One shard of a generation campaign: identities only. The worker reads the campaign record
+/// from `output` (a store its configuration allows), checks that the record hashes to
+/// `plan_digest`, and derives the shard's samples from it ([`crate::plan::Plan::shard`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GenerateJob {
+    pub campaign_id: String,
+    /// shard number
+    pub shard: u64,
+    /// root of the campaign's output store (directory or s3://bucket/prefix), where its record is
+    pub output: String,
+    /// the plan digest of the record the job was published from
+    pub plan_digest: String,
+}
+
+impl GenerateJob {
+    pub fn shard_id(&self) -> String {
+        crate::ids::shard_id(self.shard)
+    }
+
+    fn check(self) -> Result<Self, MessageError> {
+        let bad = |reason: String| MessageError::Inconsistent {
+            shard: format!("{}/{}", self.campaign_id, self.shard),
+            reason,
+        };
+        if !crate::ids::is_safe_campaign_id(&self.campaign_id) {
+            return Err(bad(format!(
+                "campaign id {:?} is not key-safe",
+                self.campaign_id
+            )));
+        }
+        if self.plan_digest.len() != 64 || !self.plan_digest.bytes().all(|c| c.is_ascii_hexdigit())
+        {
+            return Err(bad("plan digest is not 64 hex digits".into()));
+        }
+        Ok(self)
     }
 }
 
@@ -86,7 +126,7 @@ impl MaskBankJob {
 /// One queue message.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Job {
-    Generate(ShardMessage),
+    Generate(GenerateJob),
     MaskBank(MaskBankJob),
 }
 
@@ -102,17 +142,8 @@ impl Job {
     /// generation shards).
     pub fn id(&self) -> String {
         match self {
-            Job::Generate(m) => m.message_id(),
+            Job::Generate(m) => format!("{}/{}", m.campaign_id, m.shard_id()),
             Job::MaskBank(j) => j.id(),
-        }
-    }
-
-    /// What the job's progress is counted in, as far as the message says (samples of a
-    /// generation shard; a bank chunk's size is in its run record).
-    pub fn units(&self) -> u64 {
-        match self {
-            Job::Generate(m) => m.samples.len() as u64,
-            Job::MaskBank(_) => 0,
         }
     }
 
@@ -143,6 +174,7 @@ impl Job {
         struct Peek {
             v: u32,
             kind: Option<String>,
+            samples: Option<serde::de::IgnoredAny>,
         }
         let peek: Peek =
             serde_json::from_slice(b).map_err(|e| MessageError::Malformed(e.to_string()))?;
@@ -150,7 +182,15 @@ impl Job {
             return Err(MessageError::TooNew { got: peek.v });
         }
         match peek.kind.as_deref() {
-            None | Some("generate") => Ok(Job::Generate(ShardMessage::from_bytes(b)?)),
+            None | Some("generate") if peek.v < 4 || peek.samples.is_some() => {
+                Err(MessageError::Outdated { got: peek.v })
+            }
+            None => Err(MessageError::Malformed("no job kind".into())),
+            Some("generate") => {
+                let j: GenerateJob = serde_json::from_slice(b)
+                    .map_err(|e| MessageError::Malformed(e.to_string()))?;
+                Ok(Job::Generate(j.check()?))
+            }
             Some("mask_bank") => {
                 let j: MaskBankJob = serde_json::from_slice(b)
                     .map_err(|e| MessageError::Malformed(e.to_string()))?;
@@ -167,21 +207,42 @@ impl Job {
 mod tests {
     use super::*;
 
+    pub(crate) fn generate() -> GenerateJob {
+        GenerateJob {
+            campaign_id: "demo-0123456789ab".into(),
+            shard: 7,
+            output: "s3://b/out".into(),
+            plan_digest: "ab".repeat(32),
+        }
+    }
+
     #[test]
-    fn jobs_carry_version_and_kind_and_old_messages_are_generation_shards() {
-        let m = crate::messages::tests::msg();
-        let job = Job::Generate(m.clone());
+    fn jobs_carry_version_kind_and_identities_only() {
+        let job = Job::Generate(generate());
         let v: serde_json::Value = serde_json::from_slice(&job.to_bytes()).unwrap();
         assert_eq!(v["kind"], "generate");
         assert_eq!(v["v"], JOB_VERSION);
+        assert_eq!(job.id(), "demo-0123456789ab/0000007");
         assert_eq!(Job::from_bytes(&job.to_bytes()).unwrap(), job);
-        // a v2 shard message (no kind) is still read
-        let mut old = serde_json::to_value(&m).unwrap();
-        old["v"] = 2.into();
-        let Ok(Job::Generate(back)) = Job::from_bytes(&serde_json::to_vec(&old).unwrap()) else {
-            panic!("a v2 message is a generation shard")
-        };
-        assert_eq!(back.shard_id, m.shard_id);
+        // a message that carries its samples (v3 and older) is refused with the fix
+        let mut old = v.clone();
+        old["samples"] = serde_json::json!([]);
+        let e = Job::from_bytes(&serde_json::to_vec(&old).unwrap()).unwrap_err();
+        assert!(matches!(e, MessageError::Outdated { .. }), "{e}");
+        assert!(e.to_string().contains("defectforge resume"), "{e}");
+        let mut v2 = serde_json::json!({"v": 2, "campaign_id": "x-1", "samples": []});
+        assert!(matches!(
+            Job::from_bytes(&serde_json::to_vec(&v2).unwrap()),
+            Err(MessageError::Outdated { got: 2 })
+        ));
+        v2["v"] = 4.into();
+        assert!(Job::from_bytes(&serde_json::to_vec(&v2).unwrap()).is_err());
+        let mut evil = generate();
+        evil.campaign_id = "../../x".into();
+        assert!(Job::from_bytes(&Job::Generate(evil).to_bytes()).is_err());
+        let mut evil = generate();
+        evil.plan_digest = "zz".into();
+        assert!(Job::from_bytes(&Job::Generate(evil).to_bytes()).is_err());
         let bank = Job::MaskBank(MaskBankJob {
             bank: "s3://b/bank".into(),
             run_id: "bank-0123456789abcdef".into(),
@@ -201,8 +262,7 @@ mod tests {
     #[test]
     fn newer_versions_and_unknown_kinds_ask_for_an_upgrade() {
         let mut v: serde_json::Value =
-            serde_json::from_slice(&Job::Generate(crate::messages::tests::msg()).to_bytes())
-                .unwrap();
+            serde_json::from_slice(&Job::Generate(generate()).to_bytes()).unwrap();
         v["kind"] = "train".into();
         let e = Job::from_bytes(&serde_json::to_vec(&v).unwrap()).unwrap_err();
         assert!(matches!(&e, MessageError::UnknownKind { kind } if kind == "train"));

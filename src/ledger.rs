@@ -3,9 +3,11 @@
 //! (exactly one committed attempt per shard → manifest parts) and gc are computed from it.
 
 use crate::campaign::Campaign;
+use crate::dataset::DatasetInputs;
 use crate::ids;
 use crate::layout;
 use crate::manifest::{self, ManifestError};
+use crate::plan::Plan;
 use crate::store::{ObjectMeta, ObjectStore, StoreError};
 use arrow::array::{Array, RecordBatch, StringArray};
 use bytes::Bytes;
@@ -30,6 +32,15 @@ pub enum LedgerError {
     UnknownCampaign { id: String, store: String },
     #[error("campaign record {uri} is corrupt: {reason}")]
     CorruptRecord { uri: String, reason: String },
+    #[error("campaign {id} is incomplete: {missing} of {planned} shards have no valid commit ({}); no manifest was written. Run `defectforge resume {id} --output {store}` to regenerate them (dead-lettered ones: `requeue-dead`), or finalize with --allow-partial to publish what is there", first.join(", "))]
+    Incomplete {
+        id: String,
+        store: String,
+        missing: usize,
+        planned: u64,
+        /// the first missing shards, with why
+        first: Vec<String>,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -46,9 +57,73 @@ pub struct CampaignRecord {
     /// (category, defect type, count)
     pub counts: Vec<(String, String, u64)>,
     pub spec: Campaign,
+    /// the dataset listing the plan was made from: with `spec` it determines every sample, so
+    /// workers derive a shard's work from the record alone (records before it have none)
+    #[serde(default)]
+    pub inputs: Option<DatasetInputs>,
 }
 
 impl CampaignRecord {
+    /// The record of a plan.
+    pub fn of(plan: &Plan, inputs: &DatasetInputs) -> CampaignRecord {
+        CampaignRecord {
+            campaign_id: plan.campaign_id.clone(),
+            plan_digest: plan.digest.clone(),
+            plan_version: crate::plan::PLAN_VERSION,
+            total_samples: plan.total_samples,
+            shard_count: plan.shard_count,
+            shard_size: plan.campaign.shard_size,
+            shard_time_limit_s: plan.campaign.shard_time_limit_s,
+            seed: plan.campaign.seed,
+            created_at: Utc::now(),
+            counts: plan.counts(),
+            spec: plan.campaign.clone(),
+            inputs: Some(inputs.clone()),
+        }
+    }
+
+    /// Re-plans the campaign from the record and checks that it is the plan the record names
+    /// (its digest, its id, its sizes) and that every input lies under the campaign's input
+    /// roots: what a worker trusts before it reads any input.
+    pub fn plan(&self, uri: &str) -> Result<Plan, LedgerError> {
+        let corrupt = |reason: String| LedgerError::CorruptRecord {
+            uri: uri.to_string(),
+            reason,
+        };
+        if self.plan_version != crate::plan::PLAN_VERSION {
+            return Err(corrupt(format!(
+                "plan version {} is not this build's {}: run the campaign with a matching defectforge",
+                self.plan_version,
+                crate::plan::PLAN_VERSION
+            )));
+        }
+        let inputs = self.inputs.as_ref().ok_or_else(|| {
+            corrupt("it predates records that carry their dataset listing; resubmit the campaign with this version".into())
+        })?;
+        let plan = Plan::new(self.spec.clone(), inputs);
+        if plan.digest != self.plan_digest
+            || plan.campaign_id != self.campaign_id
+            || plan.total_samples != self.total_samples
+            || plan.shard_count != self.shard_count
+            || self.shard_time_limit_s != self.spec.shard_time_limit_s
+        {
+            return Err(corrupt(
+                "its contents do not hash to its plan digest (edited by hand?)".into(),
+            ));
+        }
+        let roots = self.spec.input_roots();
+        if let Some(u) = plan
+            .input_uris()
+            .find(|u| !roots.iter().any(|r| crate::store::is_within(u, r)))
+        {
+            return Err(corrupt(format!(
+                "input {u} lies outside the campaign's inputs ({})",
+                roots.join(", ")
+            )));
+        }
+        Ok(plan)
+    }
+
     pub fn shard_len(&self, shard: u64) -> u64 {
         let s = self.shard_size as u64;
         ((shard + 1) * s).min(self.total_samples) - (shard * s).min(self.total_samples)
@@ -180,9 +255,15 @@ pub struct Status {
     /// planned samples
     pub planned: u64,
     pub planned_shards: u64,
-    /// samples in shards with at least one committed attempt
+    /// samples in shards with a valid commit (verified: a fragment holding exactly the shard's
+    /// planned samples, every object it names present with its size), or, when not verified,
+    /// with any fragment
     pub committed: u64,
     pub committed_shards: u64,
+    /// whether `committed` was verified (status reads every fragment and lists every object)
+    pub verified: bool,
+    /// shards whose every committed attempt is invalid, with the reason of the last one
+    pub invalid: Vec<(String, String)>,
     /// samples in shards that were dead-lettered (and not committed since)
     pub failed: u64,
     /// dead-lettered shards (failure records of uncommitted shards)
@@ -192,36 +273,129 @@ pub struct Status {
     pub cancelled: bool,
     /// rows in the finalized manifest, if finalized
     pub finalized_rows: Option<u64>,
+    /// whether the finalized manifest holds every planned sample
+    pub finalized_complete: Option<bool>,
     pub failures: Vec<FailureRecord>,
 }
 
-pub async fn status(store: &dyn ObjectStore, cid: &str) -> Result<Status, LedgerError> {
-    let rec = read_record(store, cid).await?;
+/// The valid commits of a campaign, checked as finalize checks them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Commits {
+    /// shard number → the attempt that is valid (the earliest, or the one finalize chose)
+    pub valid: BTreeMap<u64, String>,
+    /// shard id → (attempt key, reason) of every rejected attempt
+    pub rejected: Vec<(String, String)>,
+}
+
+/// Reads every fragment and lists every object: which shards hold a valid commit.
+pub async fn verified_commits(
+    store: &dyn ObjectStore,
+    rec: &CampaignRecord,
+) -> Result<Commits, LedgerError> {
+    let cid = &rec.campaign_id;
     let frags = fragments(store, cid).await?;
-    let mut committed = 0;
-    let mut committed_shards = 0;
-    for shard in frags.keys() {
-        if let Ok(i) = shard.parse::<u64>() {
-            if i < rec.shard_count {
-                committed += rec.shard_len(i);
-                committed_shards += 1;
+    let objects = Arc::new(object_sizes(store, cid).await?);
+    let prefer = previous_index(store, cid)
+        .await
+        .map(|m| m.chosen)
+        .unwrap_or_default();
+    let mut stream = Box::pin(choose_all(store, rec, frags, Some(objects), &prefer).await);
+    let mut out = Commits::default();
+    while let Some(c) = stream.next().await {
+        let c = c?;
+        out.rejected.extend(c.rejected);
+        if let Some((attempt, _)) = c.attempt {
+            if let Ok(i) = c.shard.parse::<u64>() {
+                out.valid.insert(i, attempt);
             }
         }
     }
+    Ok(out)
+}
+
+/// Whether one shard holds a valid commit (what a worker checks before skipping a job as
+/// done): a fragment with exactly the planned samples whose objects all exist with their sizes.
+pub async fn shard_committed(
+    store: &dyn ObjectStore,
+    rec: &CampaignRecord,
+    shard: u64,
+) -> Result<bool, LedgerError> {
+    let cid = &rec.campaign_id;
+    let sid = ids::shard_id(shard);
+    let attempts = store
+        .list(&format!("{}{sid}/", layout::shards_prefix(cid)))
+        .await?;
+    if attempts.is_empty() {
+        return Ok(false);
+    }
+    let mut objects = HashMap::new();
+    for id in rec.shard_sample_ids(shard) {
+        for m in store
+            .list(&format!("{}{id}/", layout::samples_prefix(cid)))
+            .await?
+        {
+            objects.insert(m.key, m.size);
+        }
+    }
+    let c = choose_one(
+        store,
+        rec,
+        shard,
+        attempts,
+        Some(Arc::new(objects)),
+        Arc::new(store.root_uri()),
+    )
+    .await?;
+    Ok(c.attempt.is_some())
+}
+
+/// The campaign's status. `verify` reads every fragment and lists every object (the truth
+/// finalize will find); without it, any fragment counts as a commit (a quick listing).
+pub async fn status(
+    store: &dyn ObjectStore,
+    cid: &str,
+    verify: bool,
+) -> Result<Status, LedgerError> {
+    let rec = read_record(store, cid).await?;
+    let frags = fragments(store, cid).await?;
+    let (valid, invalid): (Vec<u64>, Vec<(String, String)>) = if verify {
+        let c = verified_commits(store, &rec).await?;
+        let mut invalid: BTreeMap<String, String> = BTreeMap::new();
+        for (key, reason) in c.rejected {
+            if let Some((shard, _)) = layout::parse_fragment_key(cid, &key) {
+                if shard
+                    .parse::<u64>()
+                    .is_ok_and(|i| !c.valid.contains_key(&i))
+                {
+                    invalid.insert(shard.to_string(), reason);
+                }
+            }
+        }
+        (c.valid.into_keys().collect(), invalid.into_iter().collect())
+    } else {
+        (
+            frags
+                .keys()
+                .filter_map(|s| s.parse::<u64>().ok())
+                .filter(|&i| i < rec.shard_count)
+                .collect(),
+            vec![],
+        )
+    };
+    let valid_ids: HashSet<String> = valid.iter().map(|&i| ids::shard_id(i)).collect();
+    let committed: u64 = valid.iter().map(|&i| rec.shard_len(i)).sum();
     let fails: Vec<FailureRecord> = failures(store, cid)
         .await?
         .into_iter()
-        .filter(|f| !frags.contains_key(&f.shard_id))
+        .filter(|f| !valid_ids.contains(&f.shard_id))
         .collect();
     let failed: u64 = fails
         .iter()
         .filter_map(|f| f.shard_id.parse::<u64>().ok())
         .map(|i| rec.shard_len(i))
         .sum();
-    let finalized_rows = match store.get(&layout::manifest_index(cid)).await {
-        Ok(b) => serde_json::from_slice::<ManifestIndex>(&b)
-            .ok()
-            .map(|m| m.rows),
+    let index = match store.get(&layout::manifest_index(cid)).await {
+        Ok(b) => serde_json::from_slice::<ManifestIndex>(&b).ok(),
         Err(StoreError::NotFound { .. }) => None,
         Err(e) => return Err(e.into()),
     };
@@ -231,24 +405,27 @@ pub async fn status(store: &dyn ObjectStore, cid: &str) -> Result<Status, Ledger
         planned: rec.total_samples,
         planned_shards: rec.shard_count,
         committed,
-        committed_shards,
+        committed_shards: valid.len() as u64,
+        verified: verify,
+        invalid,
         failed,
         dead: fails.len() as u64,
         pending: rec.total_samples.saturating_sub(committed + failed),
         cancelled: is_cancelled(store, cid).await?,
-        finalized_rows,
+        finalized_rows: index.as_ref().map(|m| m.rows),
+        finalized_complete: index.as_ref().map(|m| m.missing_shards.is_empty()),
         failures: fails,
     })
 }
 
-/// Shards (by index) without a committed attempt.
+/// Shards (by index) without a valid commit (verified as `status` verifies).
 pub async fn uncommitted_shards(
     store: &dyn ObjectStore,
     rec: &CampaignRecord,
 ) -> Result<Vec<u64>, LedgerError> {
-    let frags = fragments(store, &rec.campaign_id).await?;
+    let c = verified_commits(store, rec).await?;
     Ok((0..rec.shard_count)
-        .filter(|i| !frags.contains_key(&ids::shard_id(*i)))
+        .filter(|i| !c.valid.contains_key(i))
         .collect())
 }
 
@@ -261,8 +438,14 @@ pub struct ManifestIndex {
     pub parts: Vec<String>,
     /// shard id → the attempt whose rows are in the manifest
     pub chosen: BTreeMap<String, String>,
-    /// planned shards without a valid committed attempt
+    /// planned shards without a valid committed attempt (only with `--allow-partial`)
     pub missing_shards: Vec<String>,
+    /// planned samples; `rows` equals it exactly when the manifest is complete
+    #[serde(default)]
+    pub planned_rows: u64,
+    /// every planned sample is in the manifest
+    #[serde(default)]
+    pub complete: bool,
     /// committed attempts not used (duplicates from redelivery or concurrent runs)
     pub unused_attempts: u64,
     /// attempts rejected as invalid, with the reason
@@ -313,59 +496,69 @@ async fn choose_all<'a>(
             }
             let root = root.clone();
             let objects = objects.clone();
-            async move {
-                let want: Arc<Vec<String>> = Arc::new(rec.shard_sample_ids(i));
-                let mut rejected = vec![];
-                let n = attempts.len() as u64;
-                for m in attempts {
-                    let attempt = layout::parse_fragment_key(&rec.campaign_id, &m.key)
-                        .map(|x| x.1.to_string())
-                        .unwrap_or_default();
-                    let bytes = match store.get(&m.key).await {
-                        Ok(b) => b,
-                        Err(StoreError::NotFound { .. }) => continue,
-                        Err(e) => return Err(e.into()),
-                    };
-                    // Decoding and checking are CPU work: off the async threads, in parallel.
-                    let (uri, cid, shard2, want2, root2, objs) = (
-                        store.uri(&m.key),
-                        rec.campaign_id.clone(),
-                        shard.clone(),
-                        want.clone(),
-                        root.clone(),
-                        objects.clone(),
-                    );
-                    let checked = tokio::task::spawn_blocking(move || {
-                        let batches =
-                            manifest::read_batches(bytes, &uri).map_err(|e| e.to_string())?;
-                        validate(&batches, &cid, &shard2, &want2, &root2, objs.as_deref())?;
-                        Ok::<_, String>(batches)
-                    })
-                    .await
-                    .unwrap_or_else(|e| Err(format!("checking panicked: {e}")));
-                    let batches = match checked {
-                        Ok(b) => b,
-                        Err(reason) => {
-                            rejected.push((m.key.clone(), reason));
-                            continue;
-                        }
-                    };
-                    return Ok(Chosen {
-                        shard,
-                        attempt: Some((attempt, batches)),
-                        unused: n - 1,
-                        rejected,
-                    });
-                }
-                Ok(Chosen {
-                    shard,
-                    attempt: None,
-                    unused: 0,
-                    rejected,
-                })
-            }
+            choose_one(store, rec, i, attempts, objects, root)
         })
         .buffered(READ_CONCURRENCY)
+}
+
+/// Picks the first valid attempt of shard `i` among `attempts` (in preference order).
+async fn choose_one(
+    store: &dyn ObjectStore,
+    rec: &CampaignRecord,
+    i: u64,
+    attempts: Vec<ObjectMeta>,
+    objects: Option<Arc<HashMap<String, u64>>>,
+    root: Arc<String>,
+) -> Result<Chosen, LedgerError> {
+    let shard = ids::shard_id(i);
+    let want: Arc<Vec<String>> = Arc::new(rec.shard_sample_ids(i));
+    let mut rejected = vec![];
+    let n = attempts.len() as u64;
+    for m in attempts {
+        let attempt = layout::parse_fragment_key(&rec.campaign_id, &m.key)
+            .map(|x| x.1.to_string())
+            .unwrap_or_default();
+        let bytes = match store.get(&m.key).await {
+            Ok(b) => b,
+            Err(StoreError::NotFound { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        // Decoding and checking are CPU work: off the async threads, in parallel.
+        let (uri, cid, shard2, want2, root2, objs) = (
+            store.uri(&m.key),
+            rec.campaign_id.clone(),
+            shard.clone(),
+            want.clone(),
+            root.clone(),
+            objects.clone(),
+        );
+        let checked = tokio::task::spawn_blocking(move || {
+            let batches = manifest::read_batches(bytes, &uri).map_err(|e| e.to_string())?;
+            validate(&batches, &cid, &shard2, &want2, &root2, objs.as_deref())?;
+            Ok::<_, String>(batches)
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("checking panicked: {e}")));
+        let batches = match checked {
+            Ok(b) => b,
+            Err(reason) => {
+                rejected.push((m.key.clone(), reason));
+                continue;
+            }
+        };
+        return Ok(Chosen {
+            shard,
+            attempt: Some((attempt, batches)),
+            unused: n - 1,
+            rejected,
+        });
+    }
+    Ok(Chosen {
+        shard,
+        attempt: None,
+        unused: 0,
+        rejected,
+    })
 }
 
 fn validate(
@@ -446,6 +639,9 @@ pub struct FinalizeOptions {
     /// check that every object a row names exists with the recorded size
     pub verify_objects: bool,
     pub rows_per_part: usize,
+    /// write the manifest even when shards have no valid commit (it says so: `complete`
+    /// false, `missing_shards`); otherwise an incomplete campaign writes nothing and errors
+    pub allow_partial: bool,
 }
 
 impl Default for FinalizeOptions {
@@ -453,6 +649,7 @@ impl Default for FinalizeOptions {
         Self {
             verify_objects: true,
             rows_per_part: ROWS_PER_PART,
+            allow_partial: false,
         }
     }
 }
@@ -468,6 +665,27 @@ pub async fn finalize(
 ) -> Result<ManifestIndex, LedgerError> {
     let rec = read_record(store, cid).await?;
     let frags = fragments(store, cid).await?;
+    let incomplete = |missing: Vec<String>| LedgerError::Incomplete {
+        id: cid.to_string(),
+        store: store.root_uri(),
+        missing: missing.len(),
+        planned: rec.shard_count,
+        first: missing.into_iter().take(5).collect(),
+    };
+    if !opts.allow_partial {
+        // shards with no fragment at all: known from the listing, before anything is written
+        let none: Vec<String> = (0..rec.shard_count)
+            .map(ids::shard_id)
+            .filter(|s| !frags.contains_key(s))
+            .collect();
+        if !none.is_empty() {
+            return Err(incomplete(
+                none.into_iter()
+                    .map(|s| format!("{s}: not committed"))
+                    .collect(),
+            ));
+        }
+    }
     let objects = if opts.verify_objects {
         Some(Arc::new(object_sizes(store, cid).await?))
     } else {
@@ -485,6 +703,8 @@ pub async fn finalize(
         parts: vec![],
         chosen: BTreeMap::new(),
         missing_shards: vec![],
+        planned_rows: rec.total_samples,
+        complete: false,
         unused_attempts: 0,
         rejected_attempts: vec![],
         masks: manifest::MaskSummary::default(),
@@ -563,6 +783,29 @@ pub async fn finalize(
         let w = encode(writer.take(), std::mem::take(&mut pending)).await?;
         let n = index.parts.len();
         index.parts.push(flush_part(store, cid, n, w).await?);
+    }
+    index.complete = index.missing_shards.is_empty() && index.rows == rec.total_samples;
+    if !index.complete && !opts.allow_partial {
+        // invalid commits found while reading: take back what this run wrote, and the index
+        // of an earlier run, which is no longer true either
+        for m in store.list(&layout::manifest_prefix(cid)).await? {
+            store.delete(&m.key).await?;
+        }
+        let why: BTreeMap<&str, &str> = index
+            .rejected_attempts
+            .iter()
+            .filter_map(|(k, r)| Some((layout::parse_fragment_key(cid, k)?.0, r.as_str())))
+            .collect();
+        return Err(incomplete(
+            index
+                .missing_shards
+                .iter()
+                .map(|s| match why.get(s.as_str()) {
+                    Some(r) => format!("{s}: {r}"),
+                    None => format!("{s}: not committed"),
+                })
+                .collect(),
+        ));
     }
     let keep: HashSet<&String> = index.parts.iter().collect();
     for m in store.list(&layout::manifest_prefix(cid)).await? {
@@ -693,6 +936,7 @@ mod tests {
             created_at: Utc::now(),
             counts: vec![],
             spec,
+            inputs: None,
         };
         write_record(st, &rec).await.unwrap();
         rec
@@ -743,8 +987,26 @@ mod tests {
         let opts = FinalizeOptions {
             verify_objects: false,
             rows_per_part: 10,
+            allow_partial: false,
+        };
+        let e = finalize(&st, "c-1", opts, &|_, _| {}).await.unwrap_err();
+        assert!(
+            matches!(&e, LedgerError::Incomplete { missing: 1, .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("defectforge resume c-1"), "{e}");
+        assert!(st
+            .list(&layout::manifest_prefix("c-1"))
+            .await
+            .unwrap()
+            .is_empty());
+        let opts = FinalizeOptions {
+            allow_partial: true,
+            ..opts
         };
         let idx = finalize(&st, "c-1", opts, &|_, _| {}).await.unwrap();
+        assert!(!idx.complete);
+        assert_eq!((idx.rows, idx.planned_rows), (46, 50));
         assert_eq!(idx.rows, 46);
         assert_eq!(idx.missing_shards, vec![ids::shard_id(7)]);
         assert_eq!(idx.unused_attempts, 11 + 2); // every committed attempt not chosen, the rejected one included
@@ -767,6 +1029,7 @@ mod tests {
             FinalizeOptions {
                 verify_objects: false,
                 rows_per_part: 1000,
+                allow_partial: true,
             },
             &|_, _| {},
         )

@@ -6,7 +6,8 @@
 use crate::campaign::Campaign;
 use crate::dataset::DatasetInputs;
 use crate::ids;
-use crate::messages::{SampleSpec, ShardMessage, TypeSpec, MESSAGE_VERSION};
+use crate::job::GenerateJob;
+use crate::messages::{SampleSpec, ShardMessage, TypeSpec};
 use sha2::{Digest, Sha256};
 
 /// Bumped whenever planning would assign different inputs to a sample.
@@ -135,7 +136,25 @@ impl Plan {
             .collect()
     }
 
-    /// The queue message of one shard.
+    /// The queue message of one shard: identities only.
+    pub fn job(&self, shard: u64) -> GenerateJob {
+        GenerateJob {
+            campaign_id: self.campaign_id.clone(),
+            shard,
+            output: self.campaign.output.clone(),
+            plan_digest: self.digest.clone(),
+        }
+    }
+
+    /// The inputs this plan reads, for checking them against the campaign's input roots.
+    pub fn input_uris(&self) -> impl Iterator<Item = &str> {
+        self.types
+            .iter()
+            .flat_map(|t| t.normals.iter().chain(t.masks.iter()))
+            .map(String::as_str)
+    }
+
+    /// The work of one shard (what a worker derives from the record for a `generate` job).
     pub fn shard(&self, shard: u64) -> ShardMessage {
         let mut types: Vec<TypeSpec> = vec![];
         let mut type_map: Vec<(usize, u32)> = vec![];
@@ -154,7 +173,6 @@ impl Plan {
             samples.push(self.sample(i, local));
         }
         ShardMessage {
-            v: MESSAGE_VERSION,
             campaign_id: self.campaign_id.clone(),
             shard_id: ids::shard_id(shard),
             shard_index: shard,

@@ -92,12 +92,10 @@ full_resolution = true
         "{}",
         sc.worker_log("a")
     );
-    // The model was verified into the cache once.
+    // The model's files are in the cache (re-hashed at every load, no marker trusted).
     let id = uri.rsplit('/').next().unwrap();
-    assert_eq!(
-        std::fs::read_to_string(cache.join(id).join(".verified")).unwrap(),
-        digest
-    );
+    assert!(cache.join(id).read_dir().unwrap().count() > 0);
+    assert!(!cache.join(id).join(".verified").exists());
     sc.ok(&["finalize", &cid, "--output", &output]);
     let st = sc.store(&output).await;
     let rows = manifest_rows(st.as_ref(), &cid).await;
@@ -266,9 +264,34 @@ feather_px = 2.0
     let st = sc.store(&output).await;
     let root = format!("{}/", st.root_uri());
     let mut runs = vec![];
+    let mut tampered: Option<(std::path::PathBuf, Vec<u8>)> = None;
     for shard_size in [6, 3] {
         let camp = sc.write(&format!("mixed-{shard_size}.toml"), &campaign(shard_size));
         let cid = sc.run_with_worker(&camp, &output, &cache, 600);
+        if let Some((f, good)) = tampered.take() {
+            // ...and the next worker fetched it again instead of loading it
+            assert_eq!(std::fs::read(&f).unwrap(), good, "{}", f.display());
+            assert!(
+                sc.worker_log("a")
+                    .contains("differs from its manifest digest"),
+                "{}",
+                sc.worker_log("a")
+            );
+        } else {
+            // after the first run, a cached model file changes on disk (same size)...
+            let model_dir = cache.read_dir().unwrap().next().unwrap().unwrap().path();
+            let mut files: Vec<_> = model_dir
+                .read_dir()
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+                .collect();
+            files.sort();
+            let f = files.into_iter().next().expect("a cached safetensors file");
+            let good = std::fs::read(&f).unwrap();
+            std::fs::write(&f, vec![0u8; good.len()]).unwrap();
+            tampered = Some((f, good));
+        }
         sc.ok(&["finalize", &cid, "--output", &output]);
         let mut rows = manifest_rows(st.as_ref(), &cid).await;
         rows.sort_by_key(|r| r.sample_index);

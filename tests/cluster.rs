@@ -97,6 +97,7 @@ async fn metrics_match_the_finalized_manifest() {
             "dead_lettered_permanent",
             "dead_lettered_exhausted",
             "dead_lettered_unreadable",
+            "dead_lettered_rejected",
             "requeued",
         ]
         .iter()

@@ -107,6 +107,7 @@ async fn unavailable_services_and_bad_campaigns_fail_cleanly() {
 name = "bad"
 seed = 1
 shard_size = 0
+shard_time_limit_s = 0
 output = "{output}"
 [dataset]
 source = "{d}"
@@ -126,6 +127,7 @@ generator = "stable-diffusion-xl"
     let e = stderr(&o);
     for needle in [
         "shard_size must be >= 1",
+        "shard_time_limit_s must be >= 10",
         "categories.\"../../escape\": category name",
         "defects.\"a b\": defect type name",
         "categories.carpet.defects.color.count must be >= 1",

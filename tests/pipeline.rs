@@ -184,24 +184,13 @@ async fn a_shard_run_twice_at_once_yields_one_row_per_sample() {
     let plan = defectforge::plan::Plan::new(c, &inputs);
     assert_eq!(plan.shard_count, 1);
     let st = sc.store(&output).await;
-    let rec = defectforge::ledger::CampaignRecord {
-        campaign_id: plan.campaign_id.clone(),
-        plan_digest: plan.digest.clone(),
-        plan_version: 1,
-        total_samples: plan.total_samples,
-        shard_count: plan.shard_count,
-        shard_size: plan.campaign.shard_size,
-        shard_time_limit_s: 120,
-        seed: 13,
-        created_at: chrono::Utc::now(),
-        counts: plan.counts(),
-        spec: plan.campaign.clone(),
-    };
+    let mut rec = defectforge::ledger::CampaignRecord::of(&plan, &inputs);
+    rec.shard_time_limit_s = 120;
     defectforge::ledger::write_record(st.as_ref(), &rec)
         .await
         .unwrap();
     let q = InProcQueue::new(5);
-    let body = defectforge::Job::Generate(plan.shard(0)).to_bytes();
+    let body = defectforge::Job::Generate(plan.job(0)).to_bytes();
     q.publish(vec![body.clone(), body]).await.unwrap();
     let barrier = Arc::new(Barrier::new(2));
     let mk = |id: &str| {
@@ -215,6 +204,7 @@ async fn a_shard_run_twice_at_once_yields_one_row_per_sample() {
             WorkerConfig {
                 worker_id: id.into(),
                 s3: sc.s3(),
+                stores: vec![format!("s3://{}", sc.s.bucket)],
                 ..Default::default()
             },
             g,

@@ -295,6 +295,7 @@ async fn synthesize(st: Arc<dyn ObjectStore>, total: u64) -> String {
         created_at: chrono::Utc::now(),
         counts: vec![],
         spec: c,
+        inputs: None,
     };
     ledger::write_record(st.as_ref(), &rec).await.unwrap();
     use futures_util::StreamExt;

@@ -7,7 +7,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use defectforge::campaign::Campaign;
 use defectforge::job::Job;
 use defectforge::ledger::{self, CampaignRecord, FinalizeOptions};
-use defectforge::plan::{Plan, PLAN_VERSION};
+use defectforge::plan::Plan;
 use defectforge::queue::{redact_url, AmqpQueue, InProcQueue, JobQueue};
 use defectforge::store::{self, ObjectStore, S3Config};
 use defectforge::{dataset, demo, ids, layout};
@@ -42,6 +42,16 @@ pub async fn load_plan(
     s3: &S3Config,
     output_override: Option<String>,
 ) -> Result<Plan> {
+    Ok(load_planned(path, s3, output_override).await?.0)
+}
+
+/// [`load_plan`] and the record it is committed as, checked as a worker will check it (every
+/// input under the campaign's input roots), so that a bad record is never written.
+async fn load_planned(
+    path: &Path,
+    s3: &S3Config,
+    output_override: Option<String>,
+) -> Result<(Plan, CampaignRecord)> {
     let mut c = Campaign::load(path)?;
     if let Some(o) = output_override {
         c.output = defectforge::campaign::resolve_location(&std::env::current_dir()?, &o);
@@ -53,23 +63,11 @@ pub async fn load_plan(
     let inputs = dataset::resolve(&c, s3)
         .await
         .map_err(|e| anyhow!("campaign {}: {e}", path.display()))?;
-    Ok(Plan::new(c, &inputs))
-}
-
-fn record(plan: &Plan) -> CampaignRecord {
-    CampaignRecord {
-        campaign_id: plan.campaign_id.clone(),
-        plan_digest: plan.digest.clone(),
-        plan_version: PLAN_VERSION,
-        total_samples: plan.total_samples,
-        shard_count: plan.shard_count,
-        shard_size: plan.campaign.shard_size,
-        shard_time_limit_s: plan.campaign.shard_time_limit_s,
-        seed: plan.campaign.seed,
-        created_at: chrono::Utc::now(),
-        counts: plan.counts(),
-        spec: plan.campaign.clone(),
-    }
+    let plan = Plan::new(c, &inputs);
+    let rec = CampaignRecord::of(&plan, &inputs);
+    rec.plan(&path.display().to_string())
+        .map_err(|e| anyhow!("{e}"))?;
+    Ok((plan, rec))
 }
 
 async fn open_output(location: &str, s3: &S3Config) -> Result<Arc<dyn ObjectStore>> {
@@ -145,7 +143,7 @@ async fn publish_shards(q: &dyn JobQueue, plan: &Plan, shards: &[u64]) -> Result
     for chunk in shards.chunks(PUBLISH_CHUNK as usize) {
         let bodies: Vec<Vec<u8>> = chunk
             .iter()
-            .map(|&s| Job::Generate(plan.shard(s)).to_bytes())
+            .map(|&s| Job::Generate(plan.job(s)).to_bytes())
             .collect();
         q.publish(bodies).await.map_err(|e| {
             anyhow!(
@@ -165,7 +163,7 @@ async fn publish_shards(q: &dyn JobQueue, plan: &Plan, shards: &[u64]) -> Result
 }
 
 pub async fn submit(path: &Path, amqp: &AmqpArgs, s3: &S3Config) -> Result<i32> {
-    let plan = load_plan(path, s3, None).await?;
+    let (plan, rec) = load_planned(path, s3, None).await?;
     let st = open_output(&plan.campaign.output, s3).await?;
     // Connect before writing anything, so an unreachable broker leaves no trace.
     let q = AmqpQueue::connect(amqp.config("defectforge-coordinator")).await?;
@@ -180,7 +178,7 @@ pub async fn submit(path: &Path, amqp: &AmqpArgs, s3: &S3Config) -> Result<i32> 
         Err(ledger::LedgerError::UnknownCampaign { .. }) => {}
         Err(e) => return Err(e.into()),
     }
-    ledger::write_record(st.as_ref(), &record(&plan)).await?;
+    ledger::write_record(st.as_ref(), &rec).await?;
     let shards: Vec<u64> = (0..plan.shard_count).collect();
     let t = Instant::now();
     publish_shards(&q, &plan, &shards).await?;
@@ -198,9 +196,9 @@ pub async fn submit(path: &Path, amqp: &AmqpArgs, s3: &S3Config) -> Result<i32> 
     Ok(0)
 }
 
-pub async fn status(c: &CampaignRef, json: bool, s3: &S3Config) -> Result<i32> {
+pub async fn status(c: &CampaignRef, json: bool, verify: bool, s3: &S3Config) -> Result<i32> {
     let (st, cid) = resolve_ref(c, s3).await?;
-    let s = ledger::status(st.as_ref(), &cid).await?;
+    let s = ledger::status(st.as_ref(), &cid, verify).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(0);
@@ -215,17 +213,33 @@ pub async fn status(c: &CampaignRef, json: bool, s3: &S3Config) -> Result<i32> {
         s.planned, s.planned_shards
     );
     println!(
-        "committed  {} samples ({} shards)",
-        s.committed, s.committed_shards
+        "committed  {} samples ({} shards{})",
+        s.committed,
+        s.committed_shards,
+        if s.verified {
+            ", verified"
+        } else {
+            ", unverified: --quick"
+        }
     );
+    if !s.invalid.is_empty() {
+        println!(
+            "invalid    {} shards whose commits are not valid (resume regenerates them):",
+            s.invalid.len()
+        );
+        for (shard, why) in s.invalid.iter().take(10) {
+            println!("  shard {shard}: {why}");
+        }
+    }
     println!(
         "failed     {} samples ({} dead-lettered shards)",
         s.failed, s.dead
     );
     println!("pending    {} samples", s.pending);
-    match s.finalized_rows {
-        Some(n) => println!("manifest   {n} rows"),
-        None => println!("manifest   not finalized"),
+    match (s.finalized_rows, s.finalized_complete) {
+        (Some(n), Some(true)) => println!("manifest   {n} rows (complete)"),
+        (Some(n), _) => println!("manifest   {n} rows (PARTIAL: finalized with --allow-partial)"),
+        (None, _) => println!("manifest   not finalized"),
     }
     for f in &s.failures {
         println!(
@@ -256,13 +270,17 @@ pub async fn watch(
     s3: &S3Config,
 ) -> Result<i32> {
     let (st, cid) = resolve_ref(c, s3).await?;
-    let first = ledger::status(st.as_ref(), &cid).await?;
+    let first = ledger::status(st.as_ref(), &cid, false).await?;
     let pb = bar(first.planned, "samples");
     let tty = std::io::stderr().is_terminal();
     let t0 = Instant::now();
     let start_committed = first.committed;
     loop {
-        let s = ledger::status(st.as_ref(), &cid).await?;
+        // polls list (cheap); the end is decided on a verified status, as finalize will see it
+        let mut s = ledger::status(st.as_ref(), &cid, false).await?;
+        if s.pending == 0 || s.cancelled {
+            s = ledger::status(st.as_ref(), &cid, true).await?;
+        }
         pb.set_position(s.committed);
         if !tty {
             let rate = (s.committed - start_committed.min(s.committed)) as f64
@@ -281,7 +299,7 @@ pub async fn watch(
                 }
             );
         }
-        if s.pending == 0 || s.cancelled {
+        if (s.pending == 0 && s.invalid.is_empty()) || s.cancelled {
             pb.finish_and_clear();
             eprintln!(
                 "{cid}: {} committed, {} failed{}",
@@ -290,6 +308,14 @@ pub async fn watch(
                 if s.cancelled { " (cancelled)" } else { "" }
             );
             return Ok(if s.failed == 0 && !s.cancelled { 0 } else { 1 });
+        }
+        if !s.invalid.is_empty() && s.pending > 0 {
+            let (shard, why) = &s.invalid[0];
+            eprintln!(
+                "{cid}: {} shards hold invalid commits (shard {shard}: {why}); run `defectforge resume {cid} --output {}` to regenerate them",
+                s.invalid.len(),
+                st.root_uri()
+            );
         }
         if let Some(t) = timeout_s {
             if t0.elapsed() > Duration::from_secs(t) {
@@ -313,17 +339,10 @@ pub async fn resume(
     if ledger::is_cancelled(st.as_ref(), &cid).await? {
         bail!("campaign {cid} is cancelled; nothing to resume");
     }
-    let inputs = dataset::resolve(&rec.spec, s3)
-        .await
-        .map_err(|e| anyhow!("campaign {cid}: {e}"))?;
-    let plan = Plan::new(rec.spec.clone(), &inputs);
-    if plan.digest != rec.plan_digest {
-        bail!(
-            "the dataset of campaign {cid} changed since it was submitted (plan digest {} != {}); resubmitting the changed campaign creates a new campaign id",
-            &plan.digest[..12],
-            &rec.plan_digest[..12]
-        );
-    }
+    // the work is what the record says, as the workers will derive it
+    let plan = rec
+        .plan(&st.uri(&layout::campaign_record(&cid)))
+        .map_err(|e| anyhow!("{e}"))?;
     let mut shards = ledger::uncommitted_shards(st.as_ref(), &rec).await?;
     if !include_dead {
         let dead: std::collections::HashSet<String> = ledger::failures(st.as_ref(), &cid)
@@ -336,7 +355,7 @@ pub async fn resume(
     let q = AmqpQueue::connect(amqp.config("defectforge-coordinator")).await?;
     let n = publish_shards(&q, &plan, &shards).await?;
     q.close().await;
-    eprintln!("{cid}: published {n} uncommitted shards");
+    eprintln!("{cid}: published {n} shards without a valid commit");
     Ok(0)
 }
 
@@ -347,22 +366,50 @@ pub async fn cancel(c: &CampaignRef, s3: &S3Config) -> Result<i32> {
     Ok(0)
 }
 
-pub async fn finalize(c: &CampaignRef, verify: bool, s3: &S3Config) -> Result<i32> {
+pub async fn finalize(
+    c: &CampaignRef,
+    verify: bool,
+    allow_partial: bool,
+    s3: &S3Config,
+) -> Result<i32> {
     let (st, cid) = resolve_ref(c, s3).await?;
     let rec = ledger::read_record(st.as_ref(), &cid).await?;
     let pb = bar(rec.shard_count, "shards");
     let t = Instant::now();
-    let idx = ledger::finalize(
+    let idx = match ledger::finalize(
         st.as_ref(),
         &cid,
         FinalizeOptions {
             verify_objects: verify,
+            allow_partial,
             ..Default::default()
         },
         &|d, _| pb.set_position(d),
     )
-    .await?;
+    .await
+    {
+        Ok(i) => i,
+        Err(e @ ledger::LedgerError::Incomplete { .. }) => {
+            pb.finish_and_clear();
+            eprintln!("defectforge: {e}");
+            return Ok(2);
+        }
+        Err(e) => return Err(e.into()),
+    };
     pb.finish_and_clear();
+    if !idx.complete {
+        eprintln!(
+            "{cid}: PARTIAL manifest (--allow-partial): {} of {} planned rows; missing shards: {}",
+            idx.rows,
+            idx.planned_rows,
+            idx.missing_shards
+                .iter()
+                .take(10)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     eprintln!(
         "{cid}: {} rows in {} part(s) in {:.1} s; {} shards missing, {} duplicate attempts ignored, {} invalid attempts rejected",
         idx.rows,
@@ -412,9 +459,12 @@ pub async fn requeue_dead(c: &CampaignRef, amqp: &AmqpArgs, s3: &S3Config) -> Re
     let moved_shards = std::sync::Mutex::new(vec![]);
     let cid2 = cid.clone();
     let n = q
-        .requeue_dead(&|body: &[u8]| match Job::from_bytes(body) {
-            Ok(Job::Generate(m)) if m.campaign_id == cid2 => {
-                moved_shards.lock().expect("list").push(m.shard_id);
+        // a rejected message did not match the campaign's record: it is not the campaign's work
+        .requeue_dead(&|d| match Job::from_bytes(&d.body) {
+            Ok(Job::Generate(m))
+                if m.campaign_id == cid2 && d.class.as_deref() != Some("rejected") =>
+            {
+                moved_shards.lock().expect("list").push(m.shard_id());
                 true
             }
             _ => false,
@@ -425,6 +475,40 @@ pub async fn requeue_dead(c: &CampaignRef, amqp: &AmqpArgs, s3: &S3Config) -> Re
         st.delete(&layout::failure(&cid, &s)).await?;
     }
     eprintln!("{cid}: moved {n} dead-lettered shards back to the work queue");
+    Ok(0)
+}
+
+pub async fn dead(json: bool, amqp: &AmqpArgs) -> Result<i32> {
+    let q = AmqpQueue::connect(amqp.config("defectforge-coordinator")).await?;
+    let dead = q.dead_letters().await?;
+    q.close().await;
+    let rows: Vec<serde_json::Value> = dead
+        .iter()
+        .map(|m| {
+            let job = match Job::from_bytes(&m.body) {
+                Ok(j) => serde_json::json!({"kind": j.kind().as_str(), "id": j.id()}),
+                Err(_) => serde_json::json!({"unreadable": String::from_utf8_lossy(&m.body[..m.body.len().min(200)])}),
+            };
+            serde_json::json!({
+                "job": job,
+                "class": m.class.as_deref().unwrap_or("delivery limit (no reason recorded)"),
+                "reason": m.reason,
+            })
+        })
+        .collect();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        println!("{} dead-lettered job(s) in {}.dead", rows.len(), amqp.queue);
+        for r in &rows {
+            println!(
+                "  {} [{}]: {}",
+                r["job"]["id"].as_str().unwrap_or("(unreadable message)"),
+                r["class"].as_str().unwrap_or(""),
+                r["reason"].as_str().unwrap_or("-")
+            );
+        }
+    }
     Ok(0)
 }
 
@@ -453,7 +537,7 @@ pub async fn run(
         return Err(crate::embedded::not_embedded("`run`"));
     }
     let t0 = Instant::now();
-    let plan = load_plan(path, s3, output).await?;
+    let (plan, new_rec) = load_planned(path, s3, output).await?;
     let st = open_output(&plan.campaign.output, s3).await?;
     let cid = plan.campaign_id.clone();
     match ledger::read_record(st.as_ref(), &cid).await {
@@ -463,7 +547,7 @@ pub async fn run(
             plan.campaign.output
         ),
         Err(ledger::LedgerError::UnknownCampaign { .. }) => {
-            ledger::write_record(st.as_ref(), &record(&plan)).await?
+            ledger::write_record(st.as_ref(), &new_rec).await?
         }
         Err(e) => return Err(e.into()),
     }
@@ -489,13 +573,24 @@ pub async fn run(
         q,
         n,
         defectforge_worker::models::default_cache_dir(),
+        vec![plan.campaign.output.clone()],
         s3,
         &|done| pb.set_position(done_before + done),
     )
     .await?;
     pb.finish_and_clear();
-    let idx = ledger::finalize(st.as_ref(), &cid, FinalizeOptions::default(), &|_, _| {}).await?;
-    let s = ledger::status(st.as_ref(), &cid).await?;
+    // what failed is reported below; the manifest holds what was made and says if it is partial
+    let idx = ledger::finalize(
+        st.as_ref(),
+        &cid,
+        FinalizeOptions {
+            allow_partial: true,
+            ..Default::default()
+        },
+        &|_, _| {},
+    )
+    .await?;
+    let s = ledger::status(st.as_ref(), &cid, false).await?;
     eprintln!(
         "{cid}: {} samples in {:.1} s; manifest: {} rows in {}",
         idx.rows,
@@ -641,9 +736,14 @@ async fn run_bank_jobs(
         None => {
             let q = InProcQueue::new(EMBEDDED_DELIVERY_LIMIT);
             q.publish(jobs).await?;
-            run_in_process(q, how.workers, how.model_cache.clone(), s3, &|done| {
-                pb.set_position(before.masks + done)
-            })
+            run_in_process(
+                q,
+                how.workers,
+                how.model_cache.clone(),
+                vec![dest.to_string()],
+                s3,
+                &|done| pb.set_position(before.masks + done),
+            )
             .await?;
             bank::progress(root, run).await?
         }

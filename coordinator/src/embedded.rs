@@ -18,6 +18,7 @@ pub async fn run_in_process(
     q: InProcQueue,
     workers: usize,
     model_cache: PathBuf,
+    stores: Vec<String>,
     s3: &S3Config,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<()> {
@@ -34,6 +35,7 @@ pub async fn run_in_process(
         s3: s3.clone(),
         delivery_limit: EMBEDDED_DELIVERY_LIMIT,
         model_cache,
+        stores,
         ..WorkerConfig::default()
     }));
     let (_tx, rx) = tokio::sync::watch::channel(false);
@@ -66,6 +68,7 @@ pub async fn run_in_process(
     _q: InProcQueue,
     _workers: usize,
     _model_cache: PathBuf,
+    _stores: Vec<String>,
     _s3: &S3Config,
     _progress: &(dyn Fn(u64) + Sync),
 ) -> Result<()> {

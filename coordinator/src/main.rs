@@ -64,17 +64,23 @@ enum Cmd {
         #[command(flatten)]
         s3: S3Args,
     },
-    /// Print planned, committed, failed and dead counts and the failure records
+    /// Print planned, committed (verified: every commit read and its objects listed), failed
+    /// and dead counts, invalid commits and the failure records
     Status {
         #[command(flatten)]
         c: CampaignRef,
         /// print JSON
         #[arg(long, env = "DEFECTFORGE_JSON")]
         json: bool,
+        /// count every fragment as a commit without reading it (fast on huge campaigns; says
+        /// "unverified")
+        #[arg(long, env = "DEFECTFORGE_QUICK")]
+        quick: bool,
         #[command(flatten)]
         s3: S3Args,
     },
-    /// Publish the shards that have no committed attempt (skipping dead-lettered ones)
+    /// Publish the shards that have no valid commit — never committed, or whose commit lost
+    /// objects or does not hold the planned samples (skipping dead-lettered ones)
     Resume {
         #[command(flatten)]
         c: CampaignRef,
@@ -100,8 +106,20 @@ enum Cmd {
         /// skip checking that every object a row names exists with its recorded size
         #[arg(long, env = "DEFECTFORGE_NO_VERIFY")]
         no_verify: bool,
+        /// write the manifest even when shards have no valid commit (it records which, and
+        /// `complete: false`); without it an incomplete campaign writes nothing and exits 2
+        #[arg(long, env = "DEFECTFORGE_ALLOW_PARTIAL")]
+        allow_partial: bool,
         #[command(flatten)]
         s3: S3Args,
+    },
+    /// List the dead-lettered jobs with why each died (all campaigns on the queue)
+    Dead {
+        /// print JSON
+        #[arg(long, env = "DEFECTFORGE_JSON")]
+        json: bool,
+        #[command(flatten)]
+        amqp: AmqpArgs,
     },
     /// Move a campaign's dead-lettered shards back to the work queue (after fixing their inputs)
     RequeueDead {
@@ -302,7 +320,10 @@ async fn main() {
             timeout_s,
             s3,
         } => commands::watch(&c, interval_s, timeout_s, &s3.config()).await,
-        Cmd::Status { c, json, s3 } => commands::status(&c, json, &s3.config()).await,
+        Cmd::Status { c, json, quick, s3 } => {
+            commands::status(&c, json, !quick, &s3.config()).await
+        }
+        Cmd::Dead { json, amqp } => commands::dead(json, &amqp).await,
         Cmd::Resume {
             c,
             include_dead,
@@ -310,9 +331,12 @@ async fn main() {
             s3,
         } => commands::resume(&c, include_dead, &amqp, &s3.config()).await,
         Cmd::Cancel { c, s3 } => commands::cancel(&c, &s3.config()).await,
-        Cmd::Finalize { c, no_verify, s3 } => {
-            commands::finalize(&c, !no_verify, &s3.config()).await
-        }
+        Cmd::Finalize {
+            c,
+            no_verify,
+            allow_partial,
+            s3,
+        } => commands::finalize(&c, !no_verify, allow_partial, &s3.config()).await,
         Cmd::RequeueDead { c, amqp, s3 } => commands::requeue_dead(&c, &amqp, &s3.config()).await,
         Cmd::Gc { c, dry_run, s3 } => commands::gc(&c, dry_run, &s3.config()).await,
         Cmd::Run {

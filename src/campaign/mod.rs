@@ -18,6 +18,8 @@ pub const DEFAULT_SHARD_SIZE: u32 = 32;
 /// Default per-shard wall-clock limit. It must stay below RabbitMQ's consumer_timeout (30 min by
 /// default) so that the worker, not the broker, decides what a stuck shard means.
 pub const DEFAULT_SHARD_TIME_LIMIT_S: u64 = 20 * 60;
+/// The longest shard time limit a campaign may set (a week).
+pub const MAX_SHARD_TIME_LIMIT_S: u64 = 7 * 24 * 3600;
 /// The most samples a campaign may ask for, per defect type and in total (far above any
 /// dataset; it keeps plan arithmetic, shard lists and records within bounds).
 pub const MAX_SAMPLES: u64 = 1_000_000_000;
@@ -211,6 +213,25 @@ fn normalize(p: &Path) -> PathBuf {
 }
 
 impl Campaign {
+    /// Every location the campaign reads inputs from: the dataset, per-category normal folders,
+    /// mask folders and banks, texture folders and foreground mask files. A worker opens no
+    /// input outside them.
+    pub fn input_roots(&self) -> Vec<String> {
+        let mut v = vec![self.dataset.source.clone()];
+        for c in self.categories.values() {
+            v.extend(c.normal_dir.clone());
+            for d in c.defects.values() {
+                v.extend(d.mask_dir.clone());
+                v.extend(d.mask_bank.clone());
+                v.extend(d.settings.perlin.texture_dir.clone());
+                v.extend(d.settings.placement.mask_file.clone());
+            }
+        }
+        v.sort();
+        v.dedup();
+        v
+    }
+
     /// Total number of samples the campaign asks for.
     pub fn total_samples(&self) -> u64 {
         self.categories

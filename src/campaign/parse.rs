@@ -65,6 +65,13 @@ impl Campaign {
             }
         }
         let shard_time_limit_s = w.int_opt(&root, "", "shard_time_limit_s", 10);
+        if let Some(s) = shard_time_limit_s {
+            if s > MAX_SHARD_TIME_LIMIT_S as i64 {
+                w.problems.push(format!(
+                    "shard_time_limit_s must be <= {MAX_SHARD_TIME_LIMIT_S} (a week; got {s})"
+                ));
+            }
+        }
 
         // [dataset]
         let mut dataset = None;

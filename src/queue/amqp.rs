@@ -4,7 +4,10 @@
 //! broker's confirm under a timeout. No automatic connection recovery: a lost connection is
 //! reported to the caller, which reconnects within a bounded window or exits (pipeline.md §1.4).
 
-use super::{Acker, Consumer, Delivery, Depth, JobQueue, QueueError, Selector};
+use super::{
+    Acker, Consumer, DeadLetter, DeadMessage, Delivery, Depth, JobQueue, QueueError, Selector,
+    CLASS_HEADER, REASON_HEADER,
+};
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use lapin::options::{
@@ -216,17 +219,106 @@ impl AmqpQueue {
     }
 
     async fn publish_to(&self, routing_key: &str, bodies: Vec<Vec<u8>>) -> Result<(), QueueError> {
+        publish_on(
+            &self.publish_ch,
+            self.cfg.timeout,
+            routing_key,
+            bodies.into_iter().map(|b| (b, job_props())),
+        )
+        .await
+    }
+}
+
+impl AmqpQueue {
+    /// Takes every message of the dead-letter queue once: those `take` accepts go back to the
+    /// work queue, the others back to the dead-letter queue with their headers. Returns how
+    /// many went back to work.
+    async fn walk_dead(
+        &self,
+        take: &mut (dyn FnMut(&DeadMessage) -> bool + Send),
+    ) -> Result<u64, QueueError> {
+        let ch = self
+            .conn
+            .create_channel()
+            .await
+            .map_err(berr("opening a channel"))?;
+        let dq = dead_queue(&self.cfg.queue);
+        let before = ch
+            .queue_declare(
+                dq.clone().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(berr("inspecting the dead-letter queue"))?
+            .message_count() as u64;
+        let mut moved = 0;
+        for _ in 0..before {
+            let Some(m) = ch
+                .basic_get(dq.clone().into(), BasicGetOptions { no_ack: false })
+                .await
+                .map_err(berr("reading the dead-letter queue"))?
+            else {
+                break;
+            };
+            let d = m.delivery;
+            // Publish first (confirmed), then ack: a crash in between duplicates, never loses.
+            let header = |k: &str| match d.properties.headers().as_ref()?.inner().get(k)? {
+                AMQPValue::LongString(s) => {
+                    Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+                }
+                _ => None,
+            };
+            let m = DeadMessage {
+                body: d.data.clone(),
+                class: header(CLASS_HEADER),
+                reason: header(REASON_HEADER),
+            };
+            if take(&m) {
+                self.publish_to(&self.cfg.queue, vec![d.data.clone()])
+                    .await?;
+                moved += 1;
+            } else {
+                // back where it was, with its headers (the reason it died)
+                publish_on(
+                    &self.publish_ch,
+                    self.cfg.timeout,
+                    &dq,
+                    [(d.data.clone(), d.properties.clone())],
+                )
+                .await?;
+            }
+            acked("ack", d.acker.ack(BasicAckOptions::default()).await)?;
+        }
+        let _ = ch.close(200, "done".into()).await;
+        Ok(moved)
+    }
+}
+
+fn job_props() -> BasicProperties {
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+}
+
+/// Publishes persistent messages to a queue (default exchange) and waits for every confirm.
+async fn publish_on(
+    ch: &Channel,
+    timeout: Duration,
+    routing_key: &str,
+    messages: impl IntoIterator<Item = (Vec<u8>, BasicProperties)>,
+) -> Result<(), QueueError> {
+    {
         const WINDOW: usize = 256;
-        let timeout = self.cfg.timeout;
         let mut pending = futures_util::stream::FuturesOrdered::new();
         let op = format!("publishing to {routing_key}");
-        for body in bodies {
-            let props = BasicProperties::default()
-                .with_delivery_mode(2)
-                .with_content_type("application/json".into());
+        for (body, props) in messages {
             let confirm = tokio::time::timeout(
                 timeout,
-                self.publish_ch.basic_publish(
+                ch.basic_publish(
                     "".into(),
                     routing_key.into(),
                     BasicPublishOptions {
@@ -295,6 +387,11 @@ fn header_u64(v: &AMQPValue) -> Option<u64> {
 
 struct AmqpAcker {
     acker: lapin::Acker,
+    body: Vec<u8>,
+    /// a confirming channel and the dead-letter queue, for dead-lettering with headers
+    publish_ch: Channel,
+    dead_queue: String,
+    timeout: Duration,
 }
 
 fn acked(op: &str, r: lapin::Result<bool>) -> Result<(), QueueError> {
@@ -323,32 +420,78 @@ impl Acker for AmqpAcker {
                 .await,
         )
     }
-    async fn dead_letter(&self) -> Result<(), QueueError> {
-        acked(
-            "reject",
-            self.acker
-                .reject(BasicRejectOptions { requeue: false })
-                .await,
+    async fn dead_letter(&self, why: &DeadLetter) -> Result<(), QueueError> {
+        // The broker's own dead-lettering cannot add headers: publish the copy with the
+        // reason (confirmed) to the dead-letter queue, then ack. A crash in between leaves the
+        // original to be redelivered: duplicated in the worst case, never lost.
+        let mut h = FieldTable::default();
+        h.insert(
+            CLASS_HEADER.into(),
+            AMQPValue::LongString(why.class.as_bytes().to_vec().into()),
+        );
+        let mut reason = why.reason.clone();
+        if reason.len() > 4000 {
+            let mut cut = 4000;
+            while !reason.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            reason.truncate(cut);
+        }
+        h.insert(
+            REASON_HEADER.into(),
+            AMQPValue::LongString(reason.into_bytes().into()),
+        );
+        let props = job_props().with_headers(h);
+        match publish_on(
+            &self.publish_ch,
+            self.timeout,
+            &self.dead_queue,
+            [(self.body.clone(), props)],
         )
+        .await
+        {
+            Ok(()) => acked("ack", self.acker.ack(BasicAckOptions::default()).await),
+            // cannot publish the copy: let the broker dead-letter it without the headers
+            Err(e) => {
+                tracing::warn!("dead-lettering without headers ({e})");
+                acked(
+                    "reject",
+                    self.acker
+                        .reject(BasicRejectOptions { requeue: false })
+                        .await,
+                )
+            }
+        }
     }
 }
 
 struct AmqpConsumer {
     inner: lapin::Consumer,
     _ch: Channel,
+    publish_ch: Channel,
+    dead_queue: String,
+    timeout: Duration,
 }
 
-fn to_delivery(d: lapin::message::Delivery) -> Delivery {
-    let previous = d
-        .properties
-        .headers()
-        .as_ref()
-        .and_then(|h| h.inner().get("x-delivery-count").and_then(header_u64))
-        .unwrap_or(if d.redelivered { 1 } else { 0 });
-    Delivery {
-        body: d.data,
-        previous_deliveries: previous,
-        acker: Box::new(AmqpAcker { acker: d.acker }),
+impl AmqpConsumer {
+    fn to_delivery(&self, d: lapin::message::Delivery) -> Delivery {
+        let previous = d
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("x-delivery-count").and_then(header_u64))
+            .unwrap_or(if d.redelivered { 1 } else { 0 });
+        Delivery {
+            body: d.data.clone(),
+            previous_deliveries: previous,
+            acker: Box::new(AmqpAcker {
+                acker: d.acker,
+                body: d.data,
+                publish_ch: self.publish_ch.clone(),
+                dead_queue: self.dead_queue.clone(),
+                timeout: self.timeout,
+            }),
+        }
     }
 }
 
@@ -360,7 +503,7 @@ impl Consumer for AmqpConsumer {
                 "the consumer was cancelled by the broker".into(),
             )),
             Some(Err(e)) => Err(QueueError::Lost(e.to_string())),
-            Some(Ok(d)) => Ok(Some(to_delivery(d))),
+            Some(Ok(d)) => Ok(Some(self.to_delivery(d))),
         }
     }
 }
@@ -390,50 +533,27 @@ impl JobQueue for AmqpQueue {
             )
             .await
             .map_err(berr("starting the consumer"))?;
-        Ok(Box::new(AmqpConsumer { inner, _ch: ch }))
+        Ok(Box::new(AmqpConsumer {
+            inner,
+            _ch: ch,
+            publish_ch: self.publish_ch.clone(),
+            dead_queue: dead_queue(&self.cfg.queue),
+            timeout: self.cfg.timeout,
+        }))
     }
 
     async fn requeue_dead(&self, select: &Selector<'_>) -> Result<u64, QueueError> {
-        let ch = self
-            .conn
-            .create_channel()
-            .await
-            .map_err(berr("opening a channel"))?;
-        let dq = dead_queue(&self.cfg.queue);
-        let before = ch
-            .queue_declare(
-                dq.clone().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(berr("inspecting the dead-letter queue"))?
-            .message_count() as u64;
-        let mut moved = 0;
-        for _ in 0..before {
-            let Some(m) = ch
-                .basic_get(dq.clone().into(), BasicGetOptions { no_ack: false })
-                .await
-                .map_err(berr("reading the dead-letter queue"))?
-            else {
-                break;
-            };
-            let d = m.delivery;
-            // Publish first (confirmed), then ack: a crash in between duplicates, never loses.
-            if select(&d.data) {
-                self.publish_to(&self.cfg.queue, vec![d.data.clone()])
-                    .await?;
-                moved += 1;
-            } else {
-                self.publish_to(&dq, vec![d.data.clone()]).await?;
-            }
-            acked("ack", d.acker.ack(BasicAckOptions::default()).await)?;
-        }
-        let _ = ch.close(200, "done".into()).await;
-        Ok(moved)
+        self.walk_dead(&mut |m| select(m)).await
+    }
+
+    async fn dead_letters(&self) -> Result<Vec<DeadMessage>, QueueError> {
+        let mut out = vec![];
+        self.walk_dead(&mut |m| {
+            out.push(m.clone());
+            false
+        })
+        .await?;
+        Ok(out)
     }
 
     async fn depth(&self) -> Result<Depth, QueueError> {

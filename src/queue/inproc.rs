@@ -1,7 +1,9 @@
 //! In-process queue for embedded mode (`defectforge run`): the same ack/requeue/dead-letter
 //! semantics as the AMQP queue, including a delivery limit, without a broker.
 
-use super::{Acker, Consumer, Delivery, Depth, JobQueue, QueueError, Selector};
+use super::{
+    Acker, Consumer, DeadLetter, DeadMessage, Delivery, Depth, JobQueue, QueueError, Selector,
+};
 use async_trait::async_trait;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -12,6 +14,8 @@ struct State {
     ready: VecDeque<(Vec<u8>, u64)>,
     in_flight: usize,
     dead: Vec<Vec<u8>>,
+    /// why each dead message was dead-lettered (None: by the delivery limit)
+    dead_why: Vec<Option<DeadLetter>>,
     closed: bool,
 }
 
@@ -41,6 +45,11 @@ impl InProcQueue {
     /// Bodies currently dead-lettered.
     pub fn dead(&self) -> Vec<Vec<u8>> {
         self.state.lock().expect("queue").dead.clone()
+    }
+
+    /// Why each dead-lettered body was dead-lettered (None: the delivery limit).
+    pub fn dead_reasons(&self) -> Vec<Option<DeadLetter>> {
+        self.state.lock().expect("queue").dead_why.clone()
     }
 }
 
@@ -87,16 +96,21 @@ impl Acker for InProcAcker {
         let limit = self.q.delivery_limit;
         self.finish(|s| {
             if n >= limit {
-                s.dead.push(body)
+                s.dead.push(body);
+                s.dead_why.push(None);
             } else {
                 s.ready.push_back((body, n))
             }
         });
         Ok(())
     }
-    async fn dead_letter(&self) -> Result<(), QueueError> {
+    async fn dead_letter(&self, why: &DeadLetter) -> Result<(), QueueError> {
         let body = self.body.clone();
-        self.finish(|s| s.dead.push(body));
+        let why = why.clone();
+        self.finish(|s| {
+            s.dead.push(body);
+            s.dead_why.push(Some(why));
+        });
         Ok(())
     }
 }
@@ -149,18 +163,37 @@ impl JobQueue for InProcQueue {
     async fn requeue_dead(&self, select: &Selector<'_>) -> Result<u64, QueueError> {
         let mut s = self.state.lock().expect("queue");
         let dead = std::mem::take(&mut s.dead);
+        let why = std::mem::take(&mut s.dead_why);
         let mut n = 0;
-        for b in dead {
-            if select(&b) {
+        for (b, w) in dead.into_iter().zip(why) {
+            let m = DeadMessage {
+                body: b.clone(),
+                class: w.as_ref().map(|w| w.class.to_string()),
+                reason: w.as_ref().map(|w| w.reason.clone()),
+            };
+            if select(&m) {
                 s.ready.push_back((b, 0));
                 n += 1;
             } else {
                 s.dead.push(b);
+                s.dead_why.push(w);
             }
         }
         drop(s);
         self.notify.notify_waiters();
         Ok(n)
+    }
+    async fn dead_letters(&self) -> Result<Vec<DeadMessage>, QueueError> {
+        let s = self.state.lock().expect("queue");
+        Ok(s.dead
+            .iter()
+            .zip(&s.dead_why)
+            .map(|(b, w)| DeadMessage {
+                body: b.clone(),
+                class: w.as_ref().map(|w| w.class.to_string()),
+                reason: w.as_ref().map(|w| w.reason.clone()),
+            })
+            .collect())
     }
     async fn depth(&self) -> Result<Depth, QueueError> {
         let s = self.state.lock().expect("queue");
@@ -193,11 +226,16 @@ mod tests {
         assert_eq!(q.depth().await.unwrap().dead, 1);
         q.close_when_drained();
         assert!(c.next().await.unwrap().is_none());
-        assert_eq!(q.requeue_dead(&|b| b == b"b").await.unwrap(), 1);
+        assert_eq!(q.requeue_dead(&|m| m.body == b"b").await.unwrap(), 1);
         let d = c.next().await.unwrap().unwrap();
         drop(d); // dropped without an answer: back to ready
         let d = c.next().await.unwrap().unwrap();
-        d.acker.dead_letter().await.unwrap();
+        let why = DeadLetter {
+            class: "permanent",
+            reason: "bad input".into(),
+        };
+        d.acker.dead_letter(&why).await.unwrap();
         assert!(c.next().await.unwrap().is_none());
+        assert_eq!(q.dead_reasons(), vec![Some(why)]);
     }
 }

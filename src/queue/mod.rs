@@ -32,9 +32,31 @@ pub trait Acker: Send + Sync {
     async fn ack(&self) -> Result<(), QueueError>;
     /// Try again later (transient failure): back into the queue; counts towards the delivery limit.
     async fn requeue(&self) -> Result<(), QueueError>;
-    /// Permanent failure: move the message to the dead-letter queue.
-    async fn dead_letter(&self) -> Result<(), QueueError>;
+    /// Permanent failure: move the message to the dead-letter queue, with why in its headers
+    /// (`x-defectforge-class`, `x-defectforge-reason`).
+    async fn dead_letter(&self, why: &DeadLetter) -> Result<(), QueueError>;
 }
+
+/// Why a message was dead-lettered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// "permanent", "exhausted" or "unreadable"
+    pub class: &'static str,
+    pub reason: String,
+}
+
+/// A message in the dead-letter queue and why it is there (None: the broker dead-lettered it
+/// at the delivery limit, or an older worker did).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadMessage {
+    pub body: Vec<u8>,
+    pub class: Option<String>,
+    pub reason: Option<String>,
+}
+
+/// Header names of a dead-lettered message.
+pub const CLASS_HEADER: &str = "x-defectforge-class";
+pub const REASON_HEADER: &str = "x-defectforge-reason";
 
 pub struct Delivery {
     pub body: Vec<u8>,
@@ -60,7 +82,7 @@ pub struct Depth {
 }
 
 /// Chooses messages by body (a type alias keeps async_trait's lifetime rewriting away from it).
-pub type Selector<'a> = dyn Fn(&[u8]) -> bool + Send + Sync + 'a;
+pub type Selector<'a> = dyn Fn(&DeadMessage) -> bool + Send + Sync + 'a;
 
 #[async_trait]
 pub trait JobQueue: Send + Sync {
@@ -70,5 +92,7 @@ pub trait JobQueue: Send + Sync {
     async fn consume(&self, prefetch: u16) -> Result<Box<dyn Consumer>, QueueError>;
     /// Moves dead-lettered messages accepted by `select` back to the work queue; returns how many.
     async fn requeue_dead(&self, select: &Selector<'_>) -> Result<u64, QueueError>;
+    /// Every dead-lettered message with its reason, left where it is.
+    async fn dead_letters(&self) -> Result<Vec<DeadMessage>, QueueError>;
     async fn depth(&self) -> Result<Depth, QueueError>;
 }

@@ -31,6 +31,12 @@ impl LocalStore {
                 uri,
                 message: e.to_string(),
             },
+            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => {
+                StoreError::Full {
+                    uri,
+                    message: e.to_string(),
+                }
+            }
             _ => StoreError::Other {
                 uri,
                 message: e.to_string(),
@@ -103,6 +109,46 @@ impl ObjectStore for LocalStore {
             .await
             .map(Bytes::from)
             .map_err(|e| self.err(key, e))
+    }
+
+    async fn get_limited(&self, key: &str, limit: u64) -> Result<Bytes, StoreError> {
+        use tokio::io::AsyncReadExt;
+        let path = self.path(key)?;
+        // before opening: opening a FIFO would block until a writer comes
+        let pre = tokio::fs::metadata(&path)
+            .await
+            .map_err(|e| self.err(key, e))?;
+        if !pre.is_file() {
+            return Err(StoreError::NotAFile { uri: self.uri(key) });
+        }
+        let f = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| self.err(key, e))?;
+        let m = f.metadata().await.map_err(|e| self.err(key, e))?;
+        if !m.is_file() {
+            return Err(StoreError::NotAFile { uri: self.uri(key) });
+        }
+        if m.len() > limit {
+            return Err(StoreError::TooLarge {
+                uri: self.uri(key),
+                size: m.len(),
+                limit,
+            });
+        }
+        // the file may grow between the check and the read: never read past the limit
+        let mut buf = Vec::with_capacity(m.len() as usize);
+        f.take(limit + 1)
+            .read_to_end(&mut buf)
+            .await
+            .map_err(|e| self.err(key, e))?;
+        if buf.len() as u64 > limit {
+            return Err(StoreError::TooLarge {
+                uri: self.uri(key),
+                size: buf.len() as u64,
+                limit,
+            });
+        }
+        Ok(Bytes::from(buf))
     }
 
     async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StoreError> {
@@ -216,5 +262,54 @@ mod tests {
             s.put("../evil", Bytes::new(), "x").await,
             Err(StoreError::BadKey { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn limited_reads_refuse_large_files_and_devices() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LocalStore::new(dir.path());
+        s.put("big.bin", Bytes::from(vec![7u8; 1000]), "x")
+            .await
+            .unwrap();
+        assert_eq!(s.get_limited("big.bin", 1000).await.unwrap().len(), 1000);
+        let e = s.get_limited("big.bin", 999).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                StoreError::TooLarge {
+                    size: 1000,
+                    limit: 999,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("big.bin"), "{e}");
+        // a device reads forever; a directory is no input
+        let dev = LocalStore::new(std::path::Path::new("/dev"));
+        let e = dev.get_limited("zero", 1 << 20).await.unwrap_err();
+        assert!(matches!(e, StoreError::NotAFile { .. }), "{e}");
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        assert!(matches!(
+            s.get_limited("sub", 10).await,
+            Err(StoreError::NotAFile { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_leaves_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LocalStore::new(dir.path());
+        // the final rename fails: the key is a non-empty directory
+        std::fs::create_dir_all(dir.path().join("a/taken/x")).unwrap();
+        assert!(s
+            .put("a/taken", Bytes::from_static(b"1"), "x")
+            .await
+            .is_err());
+        let left: Vec<_> = std::fs::read_dir(dir.path().join("a"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left, ["taken"]);
     }
 }

@@ -24,6 +24,14 @@ pub enum StoreError {
     Auth { uri: String, message: String },
     #[error("object key {key:?} is not allowed: {reason}")]
     BadKey { key: String, reason: String },
+    #[error("{uri} is {size} bytes, over the input limit of {limit} bytes (raise --max-input-bytes / DEFECTFORGE_MAX_INPUT_BYTES if it is a real input)")]
+    TooLarge { uri: String, size: u64, limit: u64 },
+    #[error("{uri} is outside what this worker may open ({allowed}); for an output store add it to --stores / DEFECTFORGE_STORES, for an input move it under the campaign's dataset")]
+    NotAllowed { uri: String, allowed: String },
+    #[error("{uri} is not a regular file")]
+    NotAFile { uri: String },
+    #[error("no space left writing {uri}: {message}")]
+    Full { uri: String, message: String },
     #[error("transient store error on {uri}: {message}")]
     Transient { uri: String, message: String },
     #[error("store error on {uri}: {message}")]
@@ -62,6 +70,28 @@ pub trait ObjectStore: Send + Sync {
     /// Writes an object atomically: readers see the old state or the whole new object.
     async fn put(&self, key: &str, body: Bytes, content_type: &str) -> Result<(), StoreError>;
     async fn get(&self, key: &str) -> Result<Bytes, StoreError>;
+    /// Reads an object of at most `limit` bytes: a larger one (or, locally, anything that is
+    /// not a regular file) is refused before its body is read in full.
+    async fn get_limited(&self, key: &str, limit: u64) -> Result<Bytes, StoreError> {
+        if let Some(m) = self.head(key).await? {
+            if m.size > limit {
+                return Err(StoreError::TooLarge {
+                    uri: self.uri(key),
+                    size: m.size,
+                    limit,
+                });
+            }
+        }
+        let b = self.get(key).await?;
+        if b.len() as u64 > limit {
+            return Err(StoreError::TooLarge {
+                uri: self.uri(key),
+                size: b.len() as u64,
+                limit,
+            });
+        }
+        Ok(b)
+    }
     /// Metadata of a key, or None when it does not exist.
     async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StoreError>;
     /// Every object whose key starts with `prefix`, in key order.
@@ -99,6 +129,34 @@ pub fn check_key(key: &str) -> Result<(), StoreError> {
         return bad("empty path segments are not allowed");
     }
     Ok(())
+}
+
+/// True when `uri` names `root` itself or something below it, compared by path segment (so
+/// `/data/a` is not under `/data/ab`); a URI with `.` or `..` segments, a backslash or a control
+/// character is never under anything. Local paths are compared as written: resolve symbolic
+/// links before (the worker does, for inputs it opens).
+pub fn is_within(uri: &str, root: &str) -> bool {
+    if uri.contains('\\') || uri.chars().any(|c| c.is_control()) {
+        return false;
+    }
+    let segs = |s: &str| -> Option<Vec<String>> {
+        let (scheme, rest) = match s.strip_prefix("s3://") {
+            Some(r) => ("s3://", r),
+            None => ("", s),
+        };
+        let mut v = vec![scheme.to_string()];
+        for seg in rest.split('/').filter(|x| !x.is_empty()) {
+            if seg == "." || seg == ".." {
+                return None;
+            }
+            v.push(seg.to_string());
+        }
+        Some(v)
+    };
+    match (segs(uri), segs(root)) {
+        (Some(u), Some(r)) => u.len() >= r.len() && u[..r.len()] == r[..],
+        _ => false,
+    }
 }
 
 /// Splits `s3://bucket/prefix` into (bucket, prefix without surrounding slashes).
@@ -150,6 +208,20 @@ pub async fn open_object(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn within_compares_whole_segments_and_refuses_dot_dot() {
+        assert!(is_within("/data/mvtec/bottle/a.png", "/data/mvtec"));
+        assert!(is_within("/data/mvtec", "/data/mvtec/"));
+        assert!(!is_within("/data/mvtec2/a.png", "/data/mvtec"));
+        assert!(!is_within("/data/mvtec/../../etc/shadow", "/data/mvtec"));
+        assert!(!is_within("/etc/shadow", "/data"));
+        assert!(is_within("s3://b/ds/x.png", "s3://b/ds"));
+        assert!(is_within("s3://b/ds/x.png", "s3://b"));
+        assert!(!is_within("s3://b2/ds/x.png", "s3://b"));
+        assert!(!is_within("/b/ds/x.png", "s3://b"));
+        assert!(!is_within("s3://b/ds\\..\\x", "s3://b"));
+    }
 
     #[test]
     fn keys_cannot_escape() {

@@ -84,9 +84,12 @@ async fn client_for(cfg: &S3Config) -> Client {
         return c;
     }
     let region = Region::new(cfg.region.clone().unwrap_or_else(|| "us-east-1".into()));
+    // A hanging endpoint costs at most OPERATION_TIMEOUT per call (3 attempts of 20 s inside
+    // it): callers' own retries and the shard time limit stay meaningful.
     let timeouts = TimeoutConfig::builder()
         .connect_timeout(Duration::from_secs(5))
-        .operation_attempt_timeout(Duration::from_secs(60))
+        .operation_attempt_timeout(ATTEMPT_TIMEOUT)
+        .operation_timeout(OPERATION_TIMEOUT)
         .build();
     let mut b = match (&cfg.access_key_id, &cfg.secret_access_key) {
         (Some(ak), Some(sk)) => aws_sdk_s3::Config::builder()
@@ -322,6 +325,11 @@ fn to_chrono(t: Option<&aws_sdk_s3::primitives::DateTime>) -> chrono::DateTime<c
         .unwrap_or_else(chrono::Utc::now)
 }
 
+/// The longest one S3 request attempt may take (a part of a multipart upload is one request).
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(20);
+/// The longest one S3 operation may take, its SDK retries included.
+pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(45);
+
 #[async_trait]
 impl ObjectStore for S3Store {
     fn root_uri(&self) -> String {
@@ -351,6 +359,10 @@ impl ObjectStore for S3Store {
     }
 
     async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
+        self.get_limited(key, u64::MAX).await
+    }
+
+    async fn get_limited(&self, key: &str, limit: u64) -> Result<Bytes, StoreError> {
         let full = self.full(key)?;
         // A body that breaks off mid-stream is re-requested: the object itself is immutable.
         let mut tries = 0;
@@ -364,6 +376,14 @@ impl ObjectStore for S3Store {
                 .send()
                 .await
                 .map_err(|e| self.map_err(key, e))?;
+            let size = out.content_length().unwrap_or(0).max(0) as u64;
+            if size > limit {
+                return Err(StoreError::TooLarge {
+                    uri: self.uri(key),
+                    size,
+                    limit,
+                });
+            }
             match out.body.collect().await {
                 Ok(data) => return Ok(data.into_bytes()),
                 Err(e) if tries < 3 => {

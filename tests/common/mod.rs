@@ -109,6 +109,10 @@ impl Scenario {
             .env("DEFECTFORGE_AMQP_URL", &self.s.amqp)
             .env("DEFECTFORGE_QUEUE", &self.queue)
             .env("DEFECTFORGE_RETRY_ATTEMPTS", "3")
+            .env(
+                "DEFECTFORGE_STORES",
+                format!("s3://{},{}", self.s.bucket, self.dir.path().display()),
+            )
             .current_dir(self.dir.path());
         c
     }

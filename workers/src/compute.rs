@@ -128,6 +128,7 @@ pub(crate) fn compute(
     inputs: Vec<Inputs>,
     gens: &BTreeMap<&'static str, Arc<dyn Generator>>,
     aux: &MaskAux,
+    max_pixels: u64,
 ) -> Result<Vec<Computed>, JobError> {
     let mut normals: Vec<RgbImage> = vec![];
     let mut masks_v: Vec<GrayImage> = vec![];
@@ -137,8 +138,9 @@ pub(crate) fn compute(
     let mut learned = learned_masks_of(msg, aux)?;
     for (i, (s, inp)) in msg.samples.iter().zip(&inputs).enumerate() {
         let t = &msg.types[s.type_idx as usize];
-        let normal = imaging::decode_rgb(&inp.normal, "normal image", &s.normal_uri)
-            .map_err(|e| image_err(e, s, &s.normal_uri))?;
+        let normal =
+            imaging::decode_rgb_limited(&inp.normal, "normal image", &s.normal_uri, max_pixels)
+                .map_err(|e| image_err(e, s, &s.normal_uri))?;
         let (w, h) = normal.dimensions();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(s.seed ^ 0x4d41_534b);
         let mut attempts = None;
@@ -152,7 +154,8 @@ pub(crate) fn compute(
             }
             (MaskSource::Bank, Some(b), Some(uri)) => {
                 // Bank masks are stored at the mask model's resolution: resized to the image.
-                let m = imaging::decode_mask(b, uri).map_err(|e| image_err(e, s, uri))?;
+                let m = imaging::decode_mask_limited(b, uri, max_pixels)
+                    .map_err(|e| image_err(e, s, uri))?;
                 let m = if m.dimensions() == (w, h) {
                     m
                 } else {
@@ -168,7 +171,8 @@ pub(crate) fn compute(
                 m
             }
             (MaskSource::Real | MaskSource::Folder, Some(b), Some(uri)) => {
-                let m = imaging::decode_mask(b, uri).map_err(|e| image_err(e, s, uri))?;
+                let m = imaging::decode_mask_limited(b, uri, max_pixels)
+                    .map_err(|e| image_err(e, s, uri))?;
                 if m.dimensions() != (w, h) {
                     return Err(image_err(
                         ImageError::SizeMismatch {
@@ -221,9 +225,10 @@ pub(crate) fn compute(
             ..placement
         });
         let texture = match &inp.texture {
-            Some((uri, b)) => {
-                Some(imaging::decode_rgb(b, "texture", uri).map_err(|e| image_err(e, s, uri))?)
-            }
+            Some((uri, b)) => Some(
+                imaging::decode_rgb_limited(b, "texture", uri, max_pixels)
+                    .map_err(|e| image_err(e, s, uri))?,
+            ),
             None => None,
         };
         let g = &gens[t.generator.as_str()];

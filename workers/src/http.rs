@@ -166,7 +166,7 @@ pub fn render_metrics(c: &Counters, ready: bool) -> String {
         &mut o,
         "defectforge_shards_total",
         "counter",
-        "Shards this worker answered, by outcome (committed, skipped, dead_lettered_permanent, dead_lettered_exhausted, dead_lettered_unreadable, requeued, timed_out, fatal).",
+        "Shards this worker answered, by outcome (committed, skipped, dead_lettered_permanent, dead_lettered_exhausted, dead_lettered_unreadable, dead_lettered_rejected, requeued, timed_out, fatal).",
     );
     for k in ShardKind::ALL {
         let _ = writeln!(

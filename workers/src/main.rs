@@ -47,6 +47,24 @@ struct Args {
     /// address of the HTTP endpoint (/healthz, /readyz, /metrics); `off` disables it
     #[arg(long, env = "DEFECTFORGE_HTTP_ADDR", default_value = "127.0.0.1:9090")]
     http_addr: String,
+    /// output stores this worker takes jobs for, comma-separated (s3://bucket[/prefix] or
+    /// directories): a job naming any other store is dead-lettered unread. Required.
+    #[arg(
+        long,
+        env = "DEFECTFORGE_STORES",
+        value_delimiter = ',',
+        required = true
+    )]
+    stores: Vec<String>,
+    /// largest input file read, in bytes (normal images, masks, textures)
+    #[arg(long, env = "DEFECTFORGE_MAX_INPUT_BYTES", default_value_t = defectforge_worker::runner::Budgets::default().max_input_bytes)]
+    max_input_bytes: u64,
+    /// largest decoded input, in pixels (checked from the file header before decoding)
+    #[arg(long, env = "DEFECTFORGE_MAX_INPUT_PIXELS", default_value_t = defectforge_worker::runner::Budgets::default().max_input_pixels)]
+    max_input_pixels: u64,
+    /// decoded input pixels one shard may hold in memory at once
+    #[arg(long, env = "DEFECTFORGE_MAX_SHARD_PIXELS", default_value_t = defectforge_worker::runner::Budgets::default().max_shard_pixels)]
+    max_shard_pixels: u64,
     /// log format
     #[arg(long, env = "DEFECTFORGE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -78,11 +96,26 @@ async fn run(args: Args) -> Result<i32> {
         delivery_limit: args.amqp.delivery_limit as u64,
         upload_concurrency: 8,
         model_cache: args.model_cache.clone(),
+        stores: args
+            .stores
+            .iter()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect(),
+        budgets: defectforge_worker::runner::Budgets {
+            max_input_bytes: args.max_input_bytes,
+            max_input_pixels: args.max_input_pixels,
+            max_shard_pixels: args.max_shard_pixels,
+        },
     };
+    if cfg.stores.is_empty() {
+        anyhow::bail!("--stores / DEFECTFORGE_STORES names no store: list the output stores this worker takes jobs for (e.g. s3://defectforge/campaigns)");
+    }
     info!(
         worker = %worker_id,
         amqp = %redact_url(&args.amqp.amqp_url),
         queue = %args.amqp.queue,
+        stores = ?cfg.stores,
         s3 = ?cfg.s3,
         "starting worker"
     );

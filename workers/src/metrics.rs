@@ -40,6 +40,9 @@ pub enum ShardKind {
     DeadLetteredExhausted,
     /// the message itself could not be parsed
     DeadLetteredUnreadable,
+    /// a readable message that does not match its campaign's committed record, or names a
+    /// store this worker does not serve (forged or stale): no failure record is written
+    DeadLetteredRejected,
     Requeued,
     /// requeued because it overran its time limit; the worker then exits (code 3)
     TimedOut,
@@ -48,12 +51,13 @@ pub enum ShardKind {
 }
 
 impl ShardKind {
-    pub const ALL: [ShardKind; 8] = [
+    pub const ALL: [ShardKind; 9] = [
         ShardKind::Committed,
         ShardKind::Skipped,
         ShardKind::DeadLetteredPermanent,
         ShardKind::DeadLetteredExhausted,
         ShardKind::DeadLetteredUnreadable,
+        ShardKind::DeadLetteredRejected,
         ShardKind::Requeued,
         ShardKind::TimedOut,
         ShardKind::Fatal,
@@ -67,6 +71,7 @@ impl ShardKind {
             ShardKind::DeadLetteredPermanent => "dead_lettered_permanent",
             ShardKind::DeadLetteredExhausted => "dead_lettered_exhausted",
             ShardKind::DeadLetteredUnreadable => "dead_lettered_unreadable",
+            ShardKind::DeadLetteredRejected => "dead_lettered_rejected",
             ShardKind::Requeued => "requeued",
             ShardKind::TimedOut => "timed_out",
             ShardKind::Fatal => "fatal",

@@ -6,7 +6,7 @@
 //! exit) lives here too. Nothing in this file knows what a job computes.
 
 use defectforge::job::Job;
-use defectforge::queue::{Delivery, JobQueue, QueueError};
+use defectforge::queue::{DeadLetter, Delivery, JobQueue, QueueError};
 use defectforge::retry::Backoff;
 use defectforge::store::StoreError;
 use futures_util::future::BoxFuture;
@@ -45,6 +45,11 @@ pub enum JobError {
         input_uri: Option<String>,
         cause: String,
     },
+    /// the message does not match its campaign's committed record (another plan, a shard or
+    /// output the campaign does not have, no such campaign) or names a store this worker does
+    /// not serve: forged or stale. Dead-lettered with the reason in its headers and no failure
+    /// record — writing one would let any message mark a real campaign's shard as failed.
+    Rejected(String),
     /// retried with backoff, dead-lettered after the delivery limit
     Transient(String),
     /// the worker cannot work (credentials, missing bucket): requeued, the worker stops
@@ -63,7 +68,21 @@ impl JobError {
                 input_uri: Some(uri.clone()),
                 cause: format!("input {uri} does not exist"),
             },
-            e @ (StoreError::Auth { .. } | StoreError::NoBucket { .. }) => {
+            // what the job names is wrong: the same on every worker and every retry
+            StoreError::TooLarge { ref uri, .. }
+            | StoreError::NotAFile { ref uri }
+            | StoreError::NotAllowed { ref uri, .. } => JobError::Permanent {
+                sample: None,
+                input_uri: Some(uri.clone()),
+                cause: e.to_string(),
+            },
+            e @ (StoreError::NoBucket { .. } | StoreError::BadKey { .. }) => JobError::Permanent {
+                sample: None,
+                input_uri: None,
+                cause: e.to_string(),
+            },
+            // the worker cannot work: requeued, and the worker stops for its supervisor
+            e @ (StoreError::Auth { .. } | StoreError::Full { .. }) => {
                 JobError::Fatal(e.to_string())
             }
             // transient (5xx, timeouts) or unclassified: retried later, never dead-lettered
@@ -118,7 +137,12 @@ pub async fn handle(h: &dyn JobHandler, d: Delivery) -> Result<Outcome, WorkerEr
         Ok(j) => j,
         Err(e) => {
             warn!("dead-lettering an unreadable job message: {e}");
-            d.acker.dead_letter().await?;
+            d.acker
+                .dead_letter(&DeadLetter {
+                    class: "unreadable",
+                    reason: e.to_string(),
+                })
+                .await?;
             c.shards_dead_lettered.fetch_add(1, Ordering::Relaxed);
             c.record(ShardKind::DeadLetteredUnreadable, 0);
             return Ok(Outcome::DeadLettered {
@@ -138,7 +162,7 @@ async fn answer(h: &dyn JobHandler, d: Delivery, job: &Job) -> Result<Outcome, W
     let c = h.counters();
     let policy = h.policy();
     let deliveries = d.previous_deliveries + 1;
-    let n = job.units();
+    let n = 0;
     let kind = job.kind();
     match h.run(job).await {
         Ok(Outcome::Committed { samples }) => {
@@ -171,6 +195,18 @@ async fn answer(h: &dyn JobHandler, d: Delivery, job: &Job) -> Result<Outcome, W
                 deliveries,
             };
             dead_letter(h, d, job, f).await
+        }
+        Err(JobError::Rejected(cause)) => {
+            warn!(%cause, "rejecting the job message; dead-lettering it");
+            d.acker
+                .dead_letter(&DeadLetter {
+                    class: "rejected",
+                    reason: cause.clone(),
+                })
+                .await?;
+            c.shards_dead_lettered.fetch_add(1, Ordering::Relaxed);
+            c.record(ShardKind::DeadLetteredRejected, 0);
+            Ok(Outcome::DeadLettered { cause })
         }
         Err(JobError::Transient(cause)) if deliveries >= policy.delivery_limit => {
             let cause = format!("gave up after {deliveries} deliveries: {cause}");
@@ -217,17 +253,35 @@ async fn dead_letter(
 ) -> Result<Outcome, WorkerError> {
     let c = h.counters();
     let (cause, class) = (f.cause.clone(), f.class);
-    if let Err(e) = h.record_failure(job, f).await {
-        // Without its failure record a dead job would be invisible: keep it in the queue.
-        warn!("cannot write the failure record ({e}); requeueing instead of dead-lettering");
-        d.acker.requeue().await?;
-        c.shards_requeued.fetch_add(1, Ordering::Relaxed);
-        c.record(ShardKind::Requeued, job.units());
-        return Ok(Outcome::Requeued { cause });
+    match h.record_failure(job, f).await {
+        Ok(()) => {}
+        // nowhere to record it (a store this worker may not use, a bucket or campaign that
+        // does not exist): the dead-letter queue's headers are the record
+        Err(
+            e @ (StoreError::NotAllowed { .. }
+            | StoreError::NoBucket { .. }
+            | StoreError::NotFound { .. }
+            | StoreError::BadKey { .. }),
+        ) => {
+            warn!("no failure record ({e}); the reason travels in the dead-letter headers");
+        }
+        Err(e) => {
+            // Without its failure record a dead job would be invisible: keep it in the queue.
+            warn!("cannot write the failure record ({e}); requeueing instead of dead-lettering");
+            d.acker.requeue().await?;
+            c.shards_requeued.fetch_add(1, Ordering::Relaxed);
+            c.record(ShardKind::Requeued, 0);
+            return Ok(Outcome::Requeued { cause });
+        }
     }
-    d.acker.dead_letter().await?;
+    d.acker
+        .dead_letter(&DeadLetter {
+            class,
+            reason: cause.clone(),
+        })
+        .await?;
     c.shards_dead_lettered.fetch_add(1, Ordering::Relaxed);
-    c.record(ShardKind::dead_lettered(class), job.units());
+    c.record(ShardKind::dead_lettered(class), 0);
     Ok(Outcome::DeadLettered { cause })
 }
 

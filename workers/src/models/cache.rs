@@ -96,18 +96,16 @@ impl ModelCache {
         Ok(loaded)
     }
 
-    /// Downloads the model's files into `<dir>/<id>/`, verifying each digest; files already
-    /// cached and verified are not fetched again.
+    /// Downloads the model's files into `<dir>/<id>/`, verifying each digest. Files already
+    /// cached are hashed again on every load (a process loads a model once): a cached file
+    /// changed on disk is fetched again, never loaded under the manifest's digest.
     async fn fetch(&self, uri: &str) -> Result<(ModelManifest, PathBuf), ModelError> {
         let root = store::open(&normalize_uri(uri), &self.s3).await?;
         let manifest = read_manifest(root.as_ref(), uri).await?;
         let dir = self.dir.join(&manifest.id);
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-        let marker = dir.join(".verified");
-        let verified = std::fs::read_to_string(&marker).ok();
-        if verified.as_deref() == Some(manifest.digest.as_str()) {
-            return Ok((manifest, dir));
-        }
+        // a marker of earlier versions, which skipped this check: no longer trusted
+        let _ = std::fs::remove_file(dir.join(".verified"));
         for (name, want) in &manifest.files {
             let path = dir.join(name);
             if path.is_file() {
@@ -118,6 +116,7 @@ impl ModelCache {
                 if &have == want {
                     continue;
                 }
+                tracing::warn!(%uri, file = %name, "cached model file differs from its manifest digest; fetching it again");
             }
             info!(%uri, file = %name, bytes = want.bytes, "downloading model file");
             let body = root.get(name).await?;
@@ -135,7 +134,6 @@ impl ModelCache {
             tokio::fs::write(&part, &body).await.map_err(io(&part))?;
             tokio::fs::rename(&part, &path).await.map_err(io(&path))?;
         }
-        std::fs::write(&marker, &manifest.digest).map_err(io(&marker))?;
         Ok((manifest, dir))
     }
 }
