@@ -19,6 +19,7 @@ pub mod queue;
 pub mod retry;
 pub mod settings;
 pub mod store;
+pub mod training;
 
 pub use campaign::{Campaign, CampaignError};
 pub use job::{Job, JobKind};

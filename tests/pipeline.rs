@@ -450,7 +450,14 @@ mask = "perlin"
         (st["cancelled"].as_bool(), st["committed"].as_u64()),
         (Some(true), Some(24))
     );
-    sc.ok(&["finalize", c]);
+    // a cancelled campaign is incomplete: finalize says so and writes nothing unless asked
+    let refused = sc.cli(&["finalize", c]);
+    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--allow-partial"),
+        "{refused:?}"
+    );
+    sc.ok(&["finalize", c, "--allow-partial"]);
     let store = sc.store(&output).await;
     let rows = manifest_rows(store.as_ref(), &cid).await;
     assert_eq!(rows.len(), 24);

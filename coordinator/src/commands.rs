@@ -362,7 +362,7 @@ pub async fn resume(
 pub async fn cancel(c: &CampaignRef, s3: &S3Config) -> Result<i32> {
     let (st, cid) = resolve_ref(c, s3).await?;
     ledger::cancel(st.as_ref(), &cid, "cancelled from the CLI").await?;
-    eprintln!("{cid}: cancelled; workers will skip its remaining shards; `finalize` still collects what was committed");
+    eprintln!("{cid}: cancelled; workers will skip its remaining shards; `finalize --allow-partial` publishes what was committed");
     Ok(0)
 }
 
@@ -872,5 +872,154 @@ pub async fn models_show(model: &str, s3: &S3Config) -> Result<i32> {
         bail!("{model}/model.json: its digest does not match its file list");
     }
     println!("{}", serde_json::to_string_pretty(&m)?);
+    Ok(0)
+}
+
+/// Loads a training spec, materialising the demo dataset when asked.
+#[cfg(feature = "embedded")]
+fn load_training_spec(path: &Path) -> Result<defectforge::training::TrainingSpec> {
+    let spec = defectforge::training::TrainingSpec::load(path)?;
+    if spec.demo {
+        demo::ensure(Path::new(&spec.dataset_source))
+            .with_context(|| format!("cannot write the demo dataset at {}", spec.dataset_source))?;
+    }
+    Ok(spec)
+}
+
+/// `train run`: trains (or resumes) on this machine; prints the model URI (or the result).
+#[cfg(feature = "embedded")]
+pub async fn train_run(
+    path: &Path,
+    stop_at: Option<u64>,
+    model_cache: std::path::PathBuf,
+    staging: std::path::PathBuf,
+    json: bool,
+    s3: &S3Config,
+) -> Result<i32> {
+    use defectforge_worker::training::{run_blocking, TrainError, TrainOptions};
+    let spec = load_training_spec(path)?;
+    let run_id = spec.run_id();
+    // running it again is resuming it: an earlier cancel is lifted
+    let out = store::open(&spec.output, s3).await?;
+    let marker = defectforge::training::keys::cancelled(&run_id);
+    if out.head(&marker).await?.is_some() {
+        out.delete(&marker).await?;
+        eprintln!("{run_id}: was cancelled; resuming");
+    }
+    let opts = TrainOptions {
+        model_cache,
+        staging,
+        stop_at,
+        progress: std::io::stderr().is_terminal(),
+    };
+    let t0 = Instant::now();
+    let s3c = s3.clone();
+    let rt = tokio::runtime::Handle::current();
+    let outcome = tokio::task::spawn_blocking(move || {
+        run_blocking(&spec, &s3c, &opts, &rt, |step, loss| {
+            tracing::debug!(step, loss, "training step");
+        })
+    })
+    .await
+    .map_err(|e| anyhow!("training thread failed: {e}"))?;
+    let o = match outcome {
+        Ok(o) => o,
+        Err(TrainError::Cancelled) => {
+            eprintln!("{run_id}: cancelled; its last checkpoint is kept");
+            return Ok(3);
+        }
+        Err(e) => return Err(anyhow!(e).context(format!("training run {run_id} failed"))),
+    };
+    match &o.result {
+        Some(r) => {
+            eprintln!(
+                "{run_id}: trained {} steps (resumed from {}) in {:.1} s, final loss {:.5}; model {}",
+                r.steps,
+                o.resumed_from,
+                t0.elapsed().as_secs_f64(),
+                r.final_loss,
+                r.model_id
+            );
+            if json {
+                println!("{}", serde_json::to_string_pretty(r)?);
+            } else {
+                println!("{}", r.model);
+            }
+            Ok(0)
+        }
+        None => {
+            eprintln!(
+                "{run_id}: stopped at step {} as asked (resumed from {}); `train run` again continues",
+                o.step, o.resumed_from
+            );
+            Ok(0)
+        }
+    }
+}
+
+/// `train run` without the engine.
+#[cfg(not(feature = "embedded"))]
+pub async fn train_run(
+    _path: &Path,
+    _stop_at: Option<u64>,
+    _model_cache: std::path::PathBuf,
+    _staging: std::path::PathBuf,
+    _json: bool,
+    _s3: &S3Config,
+) -> Result<i32> {
+    Err(crate::embedded::not_embedded("`train run`"))
+}
+
+/// `train status`: the newest checkpoint, recent losses and the result of a run.
+#[cfg(feature = "embedded")]
+pub async fn train_status(path: &Path, json: bool, s3: &S3Config) -> Result<i32> {
+    let spec = defectforge::training::TrainingSpec::load(path)?;
+    let st = defectforge_worker::training::status(&spec, s3).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&st)?);
+    } else {
+        let at = st
+            .checkpoint_step
+            .map_or("no checkpoint yet".to_string(), |s| {
+                format!("checkpoint at step {s}")
+            });
+        println!(
+            "{}: {at} of {} steps{}",
+            st.run_id,
+            st.steps,
+            if st.cancelled { " (cancelled)" } else { "" }
+        );
+        if let (Some(a), Some(b)) = (st.initial_eval_loss, st.eval_loss) {
+            println!("  evaluation loss {a:.5} before training, {b:.5} at the checkpoint");
+        }
+        for (s, l) in &st.last_losses {
+            println!("  step {s}: loss {l:.5}");
+        }
+        if let Some(r) = &st.result {
+            println!("  finished: model {}", r.model);
+        }
+    }
+    Ok(if st.result.is_some() { 0 } else { 1 })
+}
+
+/// `train status` without the engine.
+#[cfg(not(feature = "embedded"))]
+pub async fn train_status(_path: &Path, _json: bool, _s3: &S3Config) -> Result<i32> {
+    Err(crate::embedded::not_embedded("`train status`"))
+}
+
+/// `train cancel`: a marker the run checks at every checkpoint.
+pub async fn train_cancel(path: &Path, s3: &S3Config) -> Result<i32> {
+    let spec = defectforge::training::TrainingSpec::load(path)?;
+    let run = spec.run_id();
+    let out = store::open(&spec.output, s3).await?;
+    let body = serde_json::json!({"run_id": run, "cancelled_at": chrono::Utc::now().to_rfc3339()});
+    out.put(
+        &defectforge::training::keys::cancelled(&run),
+        serde_json::to_vec(&body)?.into(),
+        "application/json",
+    )
+    .await?;
+    eprintln!("{run}: cancelled; the run stops at its next checkpoint");
     Ok(0)
 }

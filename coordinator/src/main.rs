@@ -164,6 +164,50 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ModelsCmd,
     },
+    /// Learn new defect types from a few real examples (AnomalyDiffusion's embeddings and
+    /// spatial encoder, the official recipe); the result is a model campaigns can use
+    Train {
+        #[command(subcommand)]
+        cmd: TrainCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TrainCmd {
+    /// Train on this machine, or resume the run of the same name from its newest checkpoint:
+    /// checkpoints, the training log (Parquet) and preview grids go to the spec's output;
+    /// prints the trained model's URI
+    Run {
+        spec: PathBuf,
+        /// stop after this step (the run resumes from there later)
+        #[arg(long, env = "DEFECTFORGE_TRAIN_STOP_AT")]
+        stop_at: Option<u64>,
+        /// local model cache
+        #[arg(long, env = "DEFECTFORGE_MODEL_CACHE", default_value_os_t = defectforge_worker::models::default_cache_dir())]
+        model_cache: PathBuf,
+        /// local scratch folder for writing the trained model
+        #[arg(long, env = "DEFECTFORGE_STAGING", default_value_os_t = std::env::temp_dir())]
+        staging: PathBuf,
+        /// print the run's result record as JSON instead of the model URI
+        #[arg(long, env = "DEFECTFORGE_JSON")]
+        json: bool,
+        #[command(flatten)]
+        s3: S3Args,
+    },
+    /// A run's progress from its store: newest checkpoint, recent losses, the result
+    Status {
+        spec: PathBuf,
+        #[arg(long, env = "DEFECTFORGE_JSON")]
+        json: bool,
+        #[command(flatten)]
+        s3: S3Args,
+    },
+    /// Stop a running `train run` at its next checkpoint (`train run` again resumes it)
+    Cancel {
+        spec: PathBuf,
+        #[command(flatten)]
+        s3: S3Args,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -378,6 +422,7 @@ async fn main() {
                         spatial_encoder,
                         spatial_config,
                         mask_embeddings,
+                        lineage: None,
                     };
                     commands::models_import(inputs, &to, &staging, json, &s3.config()).await
                 }
@@ -443,6 +488,23 @@ async fn main() {
         Cmd::Models {
             cmd: ModelsCmd::Show { model, s3 },
         } => commands::models_show(&model, &s3.config()).await,
+        Cmd::Train {
+            cmd:
+                TrainCmd::Run {
+                    spec,
+                    stop_at,
+                    model_cache,
+                    staging,
+                    json,
+                    s3,
+                },
+        } => commands::train_run(&spec, stop_at, model_cache, staging, json, &s3.config()).await,
+        Cmd::Train {
+            cmd: TrainCmd::Status { spec, json, s3 },
+        } => commands::train_status(&spec, json, &s3.config()).await,
+        Cmd::Train {
+            cmd: TrainCmd::Cancel { spec, s3 },
+        } => commands::train_cancel(&spec, &s3.config()).await,
     };
     match r {
         Ok(code) => std::process::exit(code),

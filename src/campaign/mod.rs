@@ -183,7 +183,7 @@ pub fn split_type_name(t: &str) -> Option<(&str, &str)> {
 }
 
 mod parse;
-mod walk;
+pub(crate) mod walk;
 
 /// Resolves a location written in a campaign: `s3://…` stays as is, a relative local path is
 /// taken relative to the campaign file's folder.

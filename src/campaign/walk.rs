@@ -1,12 +1,12 @@
 //! The campaign walker: typed reads of TOML keys that collect every problem with its key path
 //! instead of stopping at the first.
 
-pub(super) struct Walker {
-    pub(super) problems: Vec<String>,
+pub(crate) struct Walker {
+    pub(crate) problems: Vec<String>,
 }
 
 impl Walker {
-    pub(super) fn unknown(&mut self, t: &toml::Table, path: &str, known: &[&str]) {
+    pub(crate) fn unknown(&mut self, t: &toml::Table, path: &str, known: &[&str]) {
         for k in t.keys() {
             if !known.contains(&k.as_str()) {
                 self.problems.push(format!(
@@ -17,7 +17,7 @@ impl Walker {
             }
         }
     }
-    pub(super) fn str_opt(&mut self, t: &toml::Table, path: &str, key: &str) -> Option<String> {
+    pub(crate) fn str_opt(&mut self, t: &toml::Table, path: &str, key: &str) -> Option<String> {
         match t.get(key) {
             None => None,
             Some(toml::Value::String(s)) => Some(s.clone()),
@@ -32,7 +32,7 @@ impl Walker {
         }
     }
     /// A string key that names one of a closed set of choices (`T`'s `FromStr`).
-    pub(super) fn choice<T: std::str::FromStr<Err = String>>(
+    pub(crate) fn choice<T: std::str::FromStr<Err = String>>(
         &mut self,
         t: &toml::Table,
         path: &str,
@@ -49,15 +49,15 @@ impl Walker {
     }
     /// A non-negative integer that fits a `u32` (range rules belong to the settings'
     /// `validate()`).
-    pub(super) fn u32_opt(&mut self, t: &toml::Table, path: &str, key: &str) -> Option<u32> {
+    pub(crate) fn u32_opt(&mut self, t: &toml::Table, path: &str, key: &str) -> Option<u32> {
         self.int_opt(t, path, key, 0)
             .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
     }
     /// Any number (range rules belong to the settings' `validate()`).
-    pub(super) fn num_opt(&mut self, t: &toml::Table, path: &str, key: &str) -> Option<f32> {
+    pub(crate) fn num_opt(&mut self, t: &toml::Table, path: &str, key: &str) -> Option<f32> {
         self.f32_opt(t, path, key, f64::MIN, f64::MAX)
     }
-    pub(super) fn int_opt(
+    pub(crate) fn int_opt(
         &mut self,
         t: &toml::Table,
         path: &str,
@@ -82,7 +82,7 @@ impl Walker {
             }
         }
     }
-    pub(super) fn bool_opt(&mut self, t: &toml::Table, path: &str, key: &str) -> Option<bool> {
+    pub(crate) fn bool_opt(&mut self, t: &toml::Table, path: &str, key: &str) -> Option<bool> {
         match t.get(key) {
             None => None,
             Some(toml::Value::Boolean(b)) => Some(*b),
@@ -96,14 +96,14 @@ impl Walker {
             }
         }
     }
-    pub(super) fn float(v: &toml::Value) -> Option<f64> {
+    pub(crate) fn float(v: &toml::Value) -> Option<f64> {
         match v {
             toml::Value::Float(f) => Some(*f),
             toml::Value::Integer(i) => Some(*i as f64),
             _ => None,
         }
     }
-    pub(super) fn f32_opt(
+    pub(crate) fn f32_opt(
         &mut self,
         t: &toml::Table,
         path: &str,
@@ -131,7 +131,7 @@ impl Walker {
             }
         }
     }
-    pub(super) fn range_f32(
+    pub(crate) fn range_f32(
         &mut self,
         t: &toml::Table,
         path: &str,
@@ -159,7 +159,7 @@ impl Walker {
             }
         }
     }
-    pub(super) fn range_u32(
+    pub(crate) fn range_u32(
         &mut self,
         t: &toml::Table,
         path: &str,
@@ -183,7 +183,7 @@ impl Walker {
             }
         }
     }
-    pub(super) fn table<'t>(
+    pub(crate) fn table<'t>(
         &mut self,
         t: &'t toml::Table,
         path: &str,
@@ -204,9 +204,9 @@ impl Walker {
     }
 }
 
-pub(super) use crate::settings::key_path as join;
+pub(crate) use crate::settings::key_path as join;
 
-pub(super) fn check_location(w: &mut Walker, path: &str, loc: &str) {
+pub(crate) fn check_location(w: &mut Walker, path: &str, loc: &str) {
     if let Some(rest) = loc.strip_prefix("s3://") {
         let bucket = rest.split('/').next().unwrap_or("");
         if bucket.is_empty() {

@@ -1,6 +1,6 @@
 //! defectforge worker: the delivery protocol every job kind shares (`protocol`: ack after
 //! commit, requeue, dead-letter, graceful shutdown), the job handler (`runner`: generation
-//! shards), mask banks, the `Generator` trait and its implementations, metrics.
+//! shards), mask banks, training (`training`), the `Generator` trait and its implementations, metrics.
 
 pub mod cli;
 #[cfg(feature = "engine")]
@@ -15,3 +15,5 @@ pub mod models;
 pub mod protocol;
 #[cfg(feature = "engine")]
 pub mod runner;
+#[cfg(feature = "engine")]
+pub mod training;

@@ -8,8 +8,9 @@
 //! re-weight cross-attention), it takes one timestep per batch, it uses tanh-GELU where
 //! diffusers uses erf-GELU, its `DownBlock2D`/`UpBlock2D` ignore `norm_num_groups`, its fused
 //! softmax/LayerNorm silently cut gradients, its VAE hides the posterior moments and does not
-//! clamp logvar, and its CLIP takes token ids only. Linear, GroupNorm and Embedding are reused
-//! from candle-nn; Conv2d, LayerNorm, softmax and GELU are the project's ([`nn`], [`cpu_ops`]).
+//! clamp logvar, and its CLIP takes token ids only. Embedding is reused from candle-nn; Conv2d,
+//! Linear, GroupNorm, LayerNorm, softmax and GELU are the project's ([`nn`], [`cpu_ops`]), so
+//! that training ([`train`]) gets exact gradients without gradients for frozen weights.
 //!
 //! Typical use (a worker generating one image; on GPU build with `--features cuda` and use
 //! `Device::new_cuda(0)` with `DType::BF16`/`F16` — no nvcc is needed for the default build):
@@ -43,7 +44,8 @@
 //! BERT and WordPiece tokenizer), [`anomalydiffusion`] (model, blended sampler with attention
 //! re-weighting, spatial encoder, mask generation, the official files), [`schedulers`] (the SD
 //! and LDM DDIM schedulers); shared: [`nn`], [`weights`] (loading with tensor accounting),
-//! [`control`] (attention control), [`noise`], [`cpu_ops`] (fused CPU kernels), [`error`].
+//! [`control`] (attention control), [`noise`], [`cpu_ops`] (fused CPU kernels), [`train`]
+//! (the training graph, Adam, augmentation), [`error`].
 //! The flat names (`unet`, `ad_model`, `anomaly`, …) stay as aliases of the folders' modules.
 
 pub mod anomalydiffusion;
@@ -55,6 +57,7 @@ pub mod nn;
 pub mod noise;
 pub mod schedulers;
 pub mod sd;
+pub mod train;
 pub mod weights;
 
 pub use anomalydiffusion::{

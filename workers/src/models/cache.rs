@@ -96,6 +96,12 @@ impl ModelCache {
         Ok(loaded)
     }
 
+    /// The model at `uri` fetched and verified into the cache: its manifest and local
+    /// directory (for a caller that builds its own copy, e.g. training).
+    pub async fn fetch_dir(&self, uri: &str) -> Result<(ModelManifest, PathBuf), ModelError> {
+        self.fetch(uri).await
+    }
+
     /// Downloads the model's files into `<dir>/<id>/`, verifying each digest. Files already
     /// cached are hashed again on every load (a process loads a model once): a cached file
     /// changed on disk is fetched again, never loaded under the manifest's digest.

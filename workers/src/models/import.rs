@@ -287,6 +287,7 @@ pub fn build_model_dir(inputs: &ImportInputs, out: &Path) -> Result<ModelManifes
         spatial_encoder: se_cfg,
         parameters,
         sources,
+        lineage: inputs.lineage.clone(),
     };
     std::fs::write(
         out.join(MANIFEST_FILE),

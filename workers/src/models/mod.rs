@@ -106,6 +106,9 @@ pub struct ModelManifest {
     pub parameters: BTreeMap<String, u64>,
     /// The files the model was imported from: role → (file name, digest).
     pub sources: BTreeMap<String, (String, FileDigest)>,
+    /// How the model was made, for trained models (`defectforge train`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lineage: Option<serde_json::Value>,
 }
 
 /// Computes the content digest and id of a set of files.
@@ -203,6 +206,9 @@ pub struct ImportInputs {
     /// the name `<category>+<defect>` given for a file holding one embedding (the official
     /// files hold only `*`), or `None` for a file whose embeddings are already named.
     pub mask_embeddings: Vec<(Option<String>, PathBuf)>,
+    /// Where the model came from, recorded in `model.json` (a trained model's base model,
+    /// data, split, hyper-parameters, steps, final loss).
+    pub lineage: Option<serde_json::Value>,
 }
 
 /// Parses a `--mask-embeddings` value: `<category>+<defect>=<file>` or a bare file.

@@ -52,7 +52,7 @@
 use std::path::Path;
 use std::sync::Mutex;
 
-use candle_core::{DType, Device, Module, Result as CResult, Shape, Tensor};
+use candle_core::{DType, Device, Module, Result as CResult, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Conv2d, Conv2dConfig, Init, VarBuilder};
 use serde::{Deserialize, Serialize};
@@ -881,6 +881,60 @@ impl SpatialEncoder {
             out.push((format!("{}.running_var", bn.name), s.var));
             out.push((format!("{}.num_batches_tracked", bn.name), nbt));
         }
+        Ok(out)
+    }
+
+    /// Loads an encoder file (as [`Self::load`], which checks every tensor) and rebuilds the
+    /// encoder with its parameters as [`Var`]s for training; BatchNorm buffers stay constants.
+    /// Returns the encoder and its parameters by official name, sorted.
+    pub fn load_trainable(
+        path: &Path,
+        config: Option<&SpatialEncoderConfig>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Self, Vec<(String, Var)>)> {
+        let checked = Self::load(path, config, dtype, device)?;
+        let cfg = checked.config().clone();
+        drop(checked);
+        let is_torch = matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("pt" | "pth" | "ckpt" | "bin")
+        );
+        let tensors: Vec<(String, Tensor)> = if is_torch {
+            crate::ad_files::read_torch_state_dict(path)?
+        } else {
+            candle_core::safetensors::load(path, &Device::Cpu)
+                .map_err(|e| EngineError::Invalid(format!("{}: {e}", path.display())))?
+                .into_iter()
+                .collect()
+        };
+        let mut map = std::collections::HashMap::new();
+        let mut vars = Vec::new();
+        for (name, t) in tensors {
+            if is_bn_buffer(&name) {
+                map.insert(name, t.to_device(device)?);
+            } else {
+                let var = Var::from_tensor(&t.to_dtype(dtype)?.to_device(device)?)?;
+                map.insert(name.clone(), var.as_tensor().clone());
+                vars.push((name, var));
+            }
+        }
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let vb = VarBuilder::from_tensors(map, dtype, device);
+        let enc = Self::new(vb, &cfg)?;
+        Ok((enc, vars))
+    }
+
+    /// Every tensor of the encoder under its official name (parameters from `params`, the
+    /// trainable copies [`Self::load_trainable`] returned, plus the running BatchNorm
+    /// buffers), ready for [`crate::weights::save_safetensors`].
+    pub fn state_dict(&self, params: &[(String, Var)]) -> Result<Vec<(String, Tensor)>> {
+        let mut out: Vec<(String, Tensor)> = params
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
+            .collect();
+        out.extend(self.running_buffers()?);
+        out.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
     }
 }

@@ -13,8 +13,9 @@
 //! `to_out`), `attn_layers.layers.{2i+1}.0` (LayerNorm) / `.1.net.0.0`, `.1.net.2` (Linears),
 //! `norm`; `to_logits` exists in checkpoints but is unused for conditioning.
 
+use crate::nn::Linear;
 use candle_core::{Module, Result as CResult, Tensor, D};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::nn::{gelu_erf, softmax_last_dim, LayerNorm};
@@ -95,10 +96,10 @@ impl SelfAttention {
         let a = vb.pp("1");
         Ok(Self {
             norm: LayerNorm::new(d, c.layer_norm_eps, vb.pp("0"))?,
-            to_q: candle_nn::linear_no_bias(d, inner, a.pp("to_q"))?,
-            to_k: candle_nn::linear_no_bias(d, inner, a.pp("to_k"))?,
-            to_v: candle_nn::linear_no_bias(d, inner, a.pp("to_v"))?,
-            to_out: candle_nn::linear(inner, d, a.pp("to_out"))?,
+            to_q: crate::nn::linear_no_bias(d, inner, a.pp("to_q"))?,
+            to_k: crate::nn::linear_no_bias(d, inner, a.pp("to_k"))?,
+            to_v: crate::nn::linear_no_bias(d, inner, a.pp("to_v"))?,
+            to_out: crate::nn::linear(inner, d, a.pp("to_out"))?,
             heads: c.heads,
             dim_head: c.dim_head,
         })
@@ -140,8 +141,8 @@ impl FeedForward {
         let net = vb.pp("1").pp("net");
         Ok(Self {
             norm: LayerNorm::new(d, c.layer_norm_eps, vb.pp("0"))?,
-            lin1: candle_nn::linear(d, inner, net.pp("0").pp("0"))?,
-            lin2: candle_nn::linear(inner, d, net.pp("2"))?,
+            lin1: crate::nn::linear(d, inner, net.pp("0").pp("0"))?,
+            lin2: crate::nn::linear(inner, d, net.pp("2"))?,
         })
     }
 

@@ -6,8 +6,9 @@
 //!
 //! Attention: softmax(Q·Kᵀ·d^−½)·V per head (Vaswani et al. 2017, eq. 1).
 
+use crate::nn::{GroupNorm, Linear};
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{GroupNorm, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::control::{AttentionSite, ControlState};
 use crate::nn::{conv2d, softmax_last_dim, LayerNorm};
@@ -38,10 +39,10 @@ impl CrossAttention {
         let inner = heads * dim_head;
         let cdim = context_dim.unwrap_or(query_dim);
         Ok(Self {
-            to_q: candle_nn::linear_no_bias(query_dim, inner, vb.pp("to_q"))?,
-            to_k: candle_nn::linear_no_bias(cdim, inner, vb.pp("to_k"))?,
-            to_v: candle_nn::linear_no_bias(cdim, inner, vb.pp("to_v"))?,
-            to_out: candle_nn::linear(inner, query_dim, vb.pp("to_out").pp("0"))?,
+            to_q: crate::nn::linear_no_bias(query_dim, inner, vb.pp("to_q"))?,
+            to_k: crate::nn::linear_no_bias(cdim, inner, vb.pp("to_k"))?,
+            to_v: crate::nn::linear_no_bias(cdim, inner, vb.pp("to_v"))?,
+            to_out: crate::nn::linear(inner, query_dim, vb.pp("to_out").pp("0"))?,
             heads,
             dim_head,
             scale: 1.0 / (dim_head as f64).sqrt(),
@@ -164,8 +165,8 @@ impl FeedForward {
     pub fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
         let inner = dim * 4;
         Ok(Self {
-            proj: candle_nn::linear(dim, inner * 2, vb.pp("net.0.proj"))?,
-            out: candle_nn::linear(inner, dim, vb.pp("net.2"))?,
+            proj: crate::nn::linear(dim, inner * 2, vb.pp("net.0.proj"))?,
+            out: crate::nn::linear(inner, dim, vb.pp("net.2"))?,
         })
     }
 }
@@ -280,7 +281,7 @@ impl Transformer2D {
         let inner = cfg.heads * dim_head;
         let proj = |vb: VarBuilder, i: usize, o: usize| -> Result<Proj> {
             Ok(if cfg.linear_projection {
-                Proj::Linear(candle_nn::linear(i, o, vb)?)
+                Proj::Linear(crate::nn::linear(i, o, vb)?)
             } else {
                 Proj::Conv(conv2d(i, o, 1, 1, 0, vb)?)
             })
@@ -297,7 +298,7 @@ impl Transformer2D {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            norm: candle_nn::group_norm(cfg.groups, c, 1e-6, vb.pp("norm"))?,
+            norm: crate::nn::group_norm(cfg.groups, c, 1e-6, vb.pp("norm"))?,
             proj_in: proj(vb.pp("proj_in"), c, inner)?,
             blocks,
             proj_out: proj(vb.pp("proj_out"), inner, c)?,

@@ -12,8 +12,9 @@
 
 use std::path::Path;
 
+use crate::nn::Linear;
 use candle_core::{DType, Device, Module, Result as CResult, Tensor};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
 use crate::error::{EngineError, Result};
@@ -122,13 +123,13 @@ impl ClipLayer {
         let a = vb.pp("self_attn");
         Ok(Self {
             ln1: LayerNorm::new(d, c.layer_norm_eps, vb.pp("layer_norm1"))?,
-            q: candle_nn::linear(d, d, a.pp("q_proj"))?,
-            k: candle_nn::linear(d, d, a.pp("k_proj"))?,
-            v: candle_nn::linear(d, d, a.pp("v_proj"))?,
-            o: candle_nn::linear(d, d, a.pp("out_proj"))?,
+            q: crate::nn::linear(d, d, a.pp("q_proj"))?,
+            k: crate::nn::linear(d, d, a.pp("k_proj"))?,
+            v: crate::nn::linear(d, d, a.pp("v_proj"))?,
+            o: crate::nn::linear(d, d, a.pp("out_proj"))?,
             ln2: LayerNorm::new(d, c.layer_norm_eps, vb.pp("layer_norm2"))?,
-            fc1: candle_nn::linear(d, c.intermediate_size, vb.pp("mlp.fc1"))?,
-            fc2: candle_nn::linear(c.intermediate_size, d, vb.pp("mlp.fc2"))?,
+            fc1: crate::nn::linear(d, c.intermediate_size, vb.pp("mlp.fc1"))?,
+            fc2: crate::nn::linear(c.intermediate_size, d, vb.pp("mlp.fc2"))?,
             heads: c.num_attention_heads,
             quick: c.hidden_act == "quick_gelu",
         })

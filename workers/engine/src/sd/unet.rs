@@ -10,8 +10,9 @@
 
 use std::path::Path;
 
+use crate::nn::{GroupNorm, Linear};
 use candle_core::{DType, Device, Module, Result as CResult, Tensor};
-use candle_nn::{GroupNorm, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use crate::attention::{Transformer2D, Transformer2DConfig};
@@ -348,8 +349,8 @@ impl UNet2DConditionModel {
         };
 
         let conv_in = conv2d(config.in_channels, ch[0], 3, 1, 1, vb.pp("conv_in"))?;
-        let time_linear_1 = candle_nn::linear(ch[0], temb, vb.pp("time_embedding.linear_1"))?;
-        let time_linear_2 = candle_nn::linear(temb, temb, vb.pp("time_embedding.linear_2"))?;
+        let time_linear_1 = crate::nn::linear(ch[0], temb, vb.pp("time_embedding.linear_1"))?;
+        let time_linear_2 = crate::nn::linear(temb, temb, vb.pp("time_embedding.linear_2"))?;
 
         let mut down = Vec::with_capacity(n);
         let mut out_c = ch[0];
@@ -460,7 +461,7 @@ impl UNet2DConditionModel {
             down,
             mid,
             up,
-            conv_norm_out: candle_nn::group_norm(groups, ch[0], eps, vb.pp("conv_norm_out"))?,
+            conv_norm_out: crate::nn::group_norm(groups, ch[0], eps, vb.pp("conv_norm_out"))?,
             conv_out: conv2d(ch[0], config.out_channels, 3, 1, 1, vb.pp("conv_out"))?,
         })
     }

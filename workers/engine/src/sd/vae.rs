@@ -8,8 +8,9 @@
 
 use std::path::Path;
 
+use crate::nn::{GroupNorm, Linear};
 use candle_core::{DType, Device, Module, Result as CResult, Tensor, D};
-use candle_nn::{GroupNorm, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use crate::error::{EngineError, Result};
@@ -154,11 +155,11 @@ impl VaeAttention {
             ("to_q", "to_k", "to_v", "to_out.0")
         };
         Ok(Self {
-            group_norm: candle_nn::group_norm(groups, channels, 1e-6, vb.pp("group_norm"))?,
-            q: candle_nn::linear(channels, channels, vb.pp(q))?,
-            k: candle_nn::linear(channels, channels, vb.pp(k))?,
-            v: candle_nn::linear(channels, channels, vb.pp(v))?,
-            out: candle_nn::linear(channels, channels, vb.pp(o))?,
+            group_norm: crate::nn::group_norm(groups, channels, 1e-6, vb.pp("group_norm"))?,
+            q: crate::nn::linear(channels, channels, vb.pp(q))?,
+            k: crate::nn::linear(channels, channels, vb.pp(k))?,
+            v: crate::nn::linear(channels, channels, vb.pp(v))?,
+            out: crate::nn::linear(channels, channels, vb.pp(o))?,
             channels,
         })
     }
@@ -291,7 +292,7 @@ impl Encoder {
                 g,
                 cfg.mid_block_add_attention,
             )?,
-            norm_out: candle_nn::group_norm(g, ch[n - 1], 1e-6, vb.pp("conv_norm_out"))?,
+            norm_out: crate::nn::group_norm(g, ch[n - 1], 1e-6, vb.pp("conv_norm_out"))?,
             conv_out: conv2d(
                 ch[n - 1],
                 2 * cfg.latent_channels,
@@ -364,7 +365,7 @@ impl Decoder {
                 cfg.mid_block_add_attention,
             )?,
             blocks,
-            norm_out: candle_nn::group_norm(g, ch[0], 1e-6, vb.pp("conv_norm_out"))?,
+            norm_out: crate::nn::group_norm(g, ch[0], 1e-6, vb.pp("conv_norm_out"))?,
             conv_out: conv2d(ch[0], cfg.out_channels, 3, 1, 1, vb.pp("conv_out"))?,
         })
     }

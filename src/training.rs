@@ -1,0 +1,796 @@
+//! Training specs: which defect types an AnomalyDiffusion model learns, from which real
+//! examples, with which schedule (`defectforge train`). Validated like campaigns: every
+//! problem at once, each with its key path and the fix.
+//!
+//! ```toml
+//! name = "demo-types"
+//! seed = 23
+//! base_model = "models/ad-0123456789abcdef"   # a directory `models import` wrote
+//! output = "out"                             # training/<run_id>/… and models/<id>/ go here
+//!
+//! [dataset]
+//! source = "demo-data"
+//! layout = "mvtec"              # or "folder"
+//! few_shot_split = "disjoint"   # or "official", as in campaigns
+//!
+//! [types."bottle+broken_large"]     # MVTec: <cat>/test/<defect>, <cat>/ground_truth/<defect>
+//! [types."sheet+stain"]             # folder layout: defect images and their masks (same stem,
+//! images = "sheet/stain/images"     # or <stem>_mask)
+//! masks = "sheet/stain/masks"
+//!
+//! [training]
+//! steps = 300000        # optimizer steps
+//! batch = 4
+//! accumulation = 1
+//! base_lr = 5e-3        # lr = base_lr × batch × accumulation (official: 0.02)
+//! encoder = "train"     # or "frozen" (extend a model without touching its encoder)
+//! init_word = "anomaly" # new types' embeddings start from this token
+//! augment = true        # the official batch augmentation (p ½)
+//! checkpoint_every = 2000
+//! preview_every = 2000
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::campaign::walk::{check_location, Walker};
+use crate::campaign::{is_safe_name, resolve_location, split_type_name, FewShotSplit, Layout};
+
+/// Largest step count a spec may ask for (the official max_steps, 1e6).
+pub const MAX_STEPS: u64 = 1_000_000;
+/// Largest batch (per optimizer step, before accumulation).
+pub const MAX_BATCH: u32 = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainingSpecError {
+    #[error("cannot read training spec {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("training spec {path} is not valid TOML: {message}")]
+    Syntax { path: String, message: String },
+    #[error("training spec {path} has problems:\n{}", problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid { path: String, problems: Vec<String> },
+}
+
+/// Whether the spatial encoder is trained or kept as the base model has it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EncoderMode {
+    Train,
+    Frozen,
+}
+
+/// Where one type's real examples are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TypeSource {
+    /// folder of defect images (MVTec: `<source>/<cat>/test/<defect>`)
+    pub images: String,
+    /// folder of masks (MVTec: `<source>/<cat>/ground_truth/<defect>`)
+    pub masks: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingSettings {
+    pub steps: u64,
+    pub batch: u32,
+    pub accumulation: u32,
+    pub base_lr: f64,
+    pub encoder: EncoderMode,
+    pub init_word: String,
+    /// anomaly-embedding vectors per type (official 4)
+    pub vectors: u32,
+    pub augment: bool,
+    pub checkpoint_every: u64,
+    pub preview_every: u64,
+}
+
+impl TrainingSettings {
+    /// The learning rate actually used: `base_lr × batch × accumulation` (the official
+    /// `scale_lr`).
+    pub fn lr(&self) -> f64 {
+        self.base_lr * self.batch as f64 * self.accumulation as f64
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingSpec {
+    pub name: String,
+    pub seed: u64,
+    /// the imported base model (a directory or s3://…/models/<id>)
+    pub base_model: String,
+    /// store root for the run's records and the trained model
+    pub output: String,
+    pub dataset_source: String,
+    pub layout: Layout,
+    pub demo: bool,
+    pub few_shot_split: FewShotSplit,
+    /// `<category>+<defect>` → its examples
+    pub types: BTreeMap<String, TypeSource>,
+    pub training: TrainingSettings,
+}
+
+impl TrainingSpec {
+    /// Reads and validates a spec file; relative paths resolve against its folder.
+    pub fn load(path: &Path) -> Result<Self, TrainingSpecError> {
+        let text = std::fs::read_to_string(path).map_err(|source| TrainingSpecError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let base = std::fs::canonicalize(base).unwrap_or_else(|_| base.to_path_buf());
+        Self::parse(&text, &base, &path.display().to_string())
+    }
+
+    /// Parses and validates spec TOML (`origin` names it in errors).
+    pub fn parse(text: &str, base: &Path, origin: &str) -> Result<Self, TrainingSpecError> {
+        let root: toml::Table = toml::from_str(text).map_err(|e| TrainingSpecError::Syntax {
+            path: origin.to_string(),
+            message: e.to_string(),
+        })?;
+        let mut w = Walker { problems: vec![] };
+        w.unknown(
+            &root,
+            "",
+            &[
+                "name",
+                "seed",
+                "base_model",
+                "output",
+                "dataset",
+                "types",
+                "training",
+            ],
+        );
+        let name = w.str_opt(&root, "", "name");
+        if !root.contains_key("name") {
+            w.problems
+                .push("name: missing (a human-readable run name)".into());
+        }
+        if let Some(n) = &name {
+            if n.trim().is_empty() {
+                w.problems.push("name must not be empty".into());
+            }
+        }
+        let seed = w.int_opt(&root, "", "seed", 0);
+        if !root.contains_key("seed") {
+            w.problems
+                .push("seed: missing (any non-negative integer)".into());
+        }
+        let location = |w: &mut Walker, key: &str, what: &str| -> Option<String> {
+            match w.str_opt(&root, "", key) {
+                Some(s) => {
+                    check_location(w, key, &s);
+                    Some(resolve_location(base, &s))
+                }
+                None => {
+                    if !root.contains_key(key) {
+                        w.problems.push(format!("{key}: missing ({what})"));
+                    }
+                    None
+                }
+            }
+        };
+        let base_model = location(
+            &mut w,
+            "base_model",
+            "the model directory `defectforge models import` wrote",
+        );
+        let output = location(
+            &mut w,
+            "output",
+            "a local directory or s3://bucket/prefix for the run and the trained model",
+        );
+
+        // [dataset]
+        let (mut source, mut layout, mut demo, mut split) = (
+            None,
+            Some(Layout::Mvtec),
+            false,
+            Some(FewShotSplit::Disjoint),
+        );
+        match w.table(&root, "", "dataset") {
+            None if !root.contains_key("dataset") => w
+                .problems
+                .push("dataset: missing table [dataset] with source = \"<dir or s3://…>\"".into()),
+            None => {}
+            Some(d) => {
+                w.unknown(
+                    d,
+                    "dataset",
+                    &["source", "layout", "demo", "few_shot_split"],
+                );
+                match w.str_opt(d, "dataset", "source") {
+                    Some(s) => {
+                        check_location(&mut w, "dataset.source", &s);
+                        source = Some(resolve_location(base, &s));
+                    }
+                    None if !d.contains_key("source") => w.problems.push(
+                        "dataset.source: missing (a local directory or s3://bucket/prefix)".into(),
+                    ),
+                    None => {}
+                }
+                layout = match w.str_opt(d, "dataset", "layout").as_deref() {
+                    None | Some("mvtec") => Some(Layout::Mvtec),
+                    Some("folder") => Some(Layout::Folder),
+                    Some(o) => {
+                        w.problems.push(format!(
+                            "dataset.layout: unknown layout {o:?} (expected \"mvtec\" or \"folder\")"
+                        ));
+                        None
+                    }
+                };
+                demo = w.bool_opt(d, "dataset", "demo").unwrap_or(false);
+                if demo && source.as_deref().is_some_and(|s| s.starts_with("s3://")) {
+                    w.problems.push(
+                        "dataset.demo: the demo dataset can only be materialised in a local directory"
+                            .into(),
+                    );
+                }
+                split = match w.str_opt(d, "dataset", "few_shot_split").as_deref() {
+                    None | Some("disjoint") => Some(FewShotSplit::Disjoint),
+                    Some("official") => Some(FewShotSplit::Official),
+                    Some(o) => {
+                        w.problems.push(format!(
+                            "dataset.few_shot_split: unknown split {o:?} (expected \"disjoint\" or \"official\")"
+                        ));
+                        None
+                    }
+                };
+            }
+        }
+
+        // [types."<category>+<defect>"]
+        let mut types = BTreeMap::new();
+        match w.table(&root, "", "types") {
+            None if !root.contains_key("types") => w.problems.push(
+                "types: missing; add [types.\"<category>+<defect>\"] for each defect type to learn"
+                    .into(),
+            ),
+            None => {}
+            Some(t) if t.is_empty() => w.problems.push(
+                "types: empty; add [types.\"<category>+<defect>\"] for each defect type to learn"
+                    .into(),
+            ),
+            Some(t) => {
+                for (tname, v) in t {
+                    let p = format!("types.{tname:?}");
+                    let Some((cat, defect)) =
+                        split_type_name(tname).filter(|(c, d)| is_safe_name(c) && is_safe_name(d))
+                    else {
+                        w.problems.push(format!(
+                            "{p}: a type is named <category>+<defect> (letters, digits, _ . -)"
+                        ));
+                        continue;
+                    };
+                    let Some(tt) = v.as_table() else {
+                        w.problems.push(format!("{p}: expected a table"));
+                        continue;
+                    };
+                    w.unknown(tt, &p, &["images", "masks"]);
+                    let images = w.str_opt(tt, &p, "images");
+                    let masks = w.str_opt(tt, &p, "masks");
+                    let src = match (layout, &source) {
+                        (Some(Layout::Mvtec), Some(s)) => {
+                            if images.is_some() || masks.is_some() {
+                                w.problems.push(format!(
+                                    "{p}: images/masks are for the folder layout; MVTec types are found under dataset.source"
+                                ));
+                            }
+                            Some(TypeSource {
+                                images: format!("{s}/{cat}/test/{defect}"),
+                                masks: format!("{s}/{cat}/ground_truth/{defect}"),
+                            })
+                        }
+                        (Some(Layout::Folder), Some(s)) => match (images, masks) {
+                            (Some(i), Some(m)) => {
+                                check_location(&mut w, &format!("{p}.images"), &i);
+                                check_location(&mut w, &format!("{p}.masks"), &m);
+                                let under = |x: &str| {
+                                    if x.starts_with("s3://") || Path::new(x).is_absolute() {
+                                        resolve_location(base, x)
+                                    } else {
+                                        format!("{s}/{x}")
+                                    }
+                                };
+                                Some(TypeSource {
+                                    images: under(&i),
+                                    masks: under(&m),
+                                })
+                            }
+                            _ => {
+                                w.problems.push(format!(
+                                    "{p}: the folder layout needs images = \"<folder of defect images>\" and masks = \"<folder of their masks>\" (relative to dataset.source)"
+                                ));
+                                None
+                            }
+                        },
+                        _ => None,
+                    };
+                    if let Some(src) = src {
+                        types.insert(tname.clone(), src);
+                    }
+                }
+            }
+        }
+
+        // [training]
+        let empty = toml::Table::new();
+        let t = match w.table(&root, "", "training") {
+            Some(t) => t,
+            None => &empty,
+        };
+        w.unknown(
+            t,
+            "training",
+            &[
+                "steps",
+                "batch",
+                "accumulation",
+                "base_lr",
+                "encoder",
+                "init_word",
+                "vectors",
+                "augment",
+                "checkpoint_every",
+                "preview_every",
+            ],
+        );
+        let steps = w.int_opt(t, "training", "steps", 1).map(|s| s as u64);
+        if !t.contains_key("steps") {
+            w.problems.push(
+                "training.steps: missing (optimizer steps; the official run is 300000)".into(),
+            );
+        }
+        if let Some(s) = steps {
+            if s > MAX_STEPS {
+                w.problems
+                    .push(format!("training.steps must be <= {MAX_STEPS} (got {s})"));
+            }
+        }
+        let batch = w.int_opt(t, "training", "batch", 1).unwrap_or(4) as u64;
+        if batch > MAX_BATCH as u64 {
+            w.problems.push(format!(
+                "training.batch must be <= {MAX_BATCH} (got {batch})"
+            ));
+        }
+        let accumulation = w.int_opt(t, "training", "accumulation", 1).unwrap_or(1) as u64;
+        if accumulation > 64 {
+            w.problems.push(format!(
+                "training.accumulation must be <= 64 (got {accumulation})"
+            ));
+        }
+        let base_lr = w
+            .f32_opt(t, "training", "base_lr", 1e-8, 1.0)
+            .map(f64::from)
+            .unwrap_or(5e-3);
+        let encoder = match w.str_opt(t, "training", "encoder").as_deref() {
+            None | Some("train") => Some(EncoderMode::Train),
+            Some("frozen") => Some(EncoderMode::Frozen),
+            Some(o) => {
+                w.problems.push(format!(
+                    "training.encoder: unknown mode {o:?} (expected \"train\" or \"frozen\")"
+                ));
+                None
+            }
+        };
+        let init_word = w
+            .str_opt(t, "training", "init_word")
+            .unwrap_or_else(|| "anomaly".into());
+        if init_word.trim().is_empty() || init_word.contains(char::is_whitespace) {
+            w.problems.push(format!(
+                "training.init_word must be one word (got {init_word:?})"
+            ));
+        }
+        let vectors = w.int_opt(t, "training", "vectors", 1).unwrap_or(4) as u64;
+        if vectors > 32 {
+            w.problems
+                .push(format!("training.vectors must be <= 32 (got {vectors})"));
+        }
+        let augment = w.bool_opt(t, "training", "augment").unwrap_or(true);
+        let total = steps.unwrap_or(1);
+        let checkpoint_every = w
+            .int_opt(t, "training", "checkpoint_every", 1)
+            .map(|n| n as u64)
+            .unwrap_or_else(|| total.min(2000));
+        let preview_every = w
+            .int_opt(t, "training", "preview_every", 0)
+            .map(|n| n as u64)
+            .unwrap_or_else(|| total.min(2000));
+
+        if !w.problems.is_empty() {
+            return Err(TrainingSpecError::Invalid {
+                path: origin.to_string(),
+                problems: w.problems,
+            });
+        }
+        Ok(TrainingSpec {
+            name: name.unwrap_or_default(),
+            seed: seed.unwrap_or(0) as u64,
+            base_model: base_model.unwrap_or_default(),
+            output: output.unwrap_or_default(),
+            dataset_source: source.unwrap_or_default(),
+            layout: layout.unwrap_or(Layout::Mvtec),
+            demo,
+            few_shot_split: split.unwrap_or(FewShotSplit::Disjoint),
+            types,
+            training: TrainingSettings {
+                steps: steps.unwrap_or(1),
+                batch: batch as u32,
+                accumulation: accumulation as u32,
+                base_lr,
+                encoder: encoder.unwrap_or(EncoderMode::Train),
+                init_word,
+                vectors: vectors as u32,
+                augment,
+                checkpoint_every,
+                preview_every,
+            },
+        })
+    }
+
+    /// Every location the run reads from (the dataset and each type's folders).
+    pub fn input_roots(&self) -> Vec<String> {
+        let mut v = vec![self.dataset_source.clone()];
+        for s in self.types.values() {
+            v.push(s.images.clone());
+            v.push(s.masks.clone());
+        }
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// The canonical JSON of the spec (what the run id and the resume check hash).
+    pub fn canonical_json(&self) -> String {
+        serde_json::to_string(self).expect("a spec serialises")
+    }
+
+    /// SHA-256 of [`Self::canonical_json`], hex.
+    pub fn digest(&self) -> String {
+        use sha2::{Digest, Sha256};
+        hex::encode(Sha256::digest(self.canonical_json().as_bytes()))
+    }
+
+    /// The run id: the name as a key-safe slug (lowercase letters, digits, dashes). The
+    /// name is the run's identity: submitting the same name again resumes the run, and a
+    /// changed spec under that name is refused ([`Self::differences`]).
+    pub fn run_id(&self) -> String {
+        let slug: String = self
+            .name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '-'
+                }
+            })
+            .collect::<String>()
+            .split('-')
+            .filter(|s| !s.is_empty())
+            .collect::<Vec<_>>()
+            .join("-");
+        let slug: String = slug.chars().take(64).collect();
+        let slug = slug.trim_end_matches('-').to_string();
+        if slug.is_empty() {
+            "train".into()
+        } else {
+            slug
+        }
+    }
+
+    /// The top-level keys (dotted for `training.*`) in which `other` differs from `self`.
+    pub fn differences(&self, other: &TrainingSpec) -> Vec<String> {
+        let a = serde_json::to_value(self).expect("json");
+        let b = serde_json::to_value(other).expect("json");
+        let mut out = Vec::new();
+        if let (Some(a), Some(b)) = (a.as_object(), b.as_object()) {
+            for (k, va) in a {
+                let vb = b.get(k);
+                match (va.as_object(), vb.and_then(|v| v.as_object())) {
+                    (Some(ia), Some(ib)) if k == "training" => {
+                        for (ik, iva) in ia {
+                            if ib.get(ik) != Some(iva) {
+                                out.push(format!(
+                                    "{k}.{ik}: {} → {}",
+                                    iva,
+                                    ib.get(ik).cloned().unwrap_or_default()
+                                ));
+                            }
+                        }
+                    }
+                    _ if vb != Some(va) => out.push(k.clone()),
+                    _ => {}
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Object keys of a training run under its output root.
+pub mod keys {
+    pub fn run_record(run: &str) -> String {
+        format!("training/{run}/run.json")
+    }
+    pub fn cancelled(run: &str) -> String {
+        format!("training/{run}/cancelled.json")
+    }
+    pub fn checkpoints(run: &str) -> String {
+        format!("training/{run}/checkpoints/")
+    }
+    pub fn checkpoint_state(run: &str, step: u64, attempt: &str) -> String {
+        format!("training/{run}/checkpoints/{step:08}/{attempt}/state.safetensors")
+    }
+    pub fn checkpoint_commit(run: &str, step: u64, attempt: &str) -> String {
+        format!("training/{run}/checkpoints/{step:08}/{attempt}.commit")
+    }
+    pub fn log_part(run: &str, step: u64, attempt: &str) -> String {
+        format!("training/{run}/log/{step:08}-{attempt}.parquet")
+    }
+    pub fn preview(run: &str, step: u64) -> String {
+        format!("training/{run}/previews/{step:08}.png")
+    }
+    pub fn result(run: &str) -> String {
+        format!("training/{run}/result.json")
+    }
+    /// `(step, attempt)` of a commit key under [`checkpoints`].
+    pub fn parse_commit(run: &str, key: &str) -> Option<(u64, String)> {
+        let rest = key.strip_prefix(&checkpoints(run))?;
+        let (step, file) = rest.split_once('/')?;
+        let attempt = file.strip_suffix(".commit")?;
+        if attempt.contains('/') || step.len() != 8 {
+            return None;
+        }
+        Some((step.parse().ok()?, attempt.to_string()))
+    }
+}
+
+/// A checkpoint's commit record (`<step>/<attempt>.commit`, written last): what it holds and
+/// the digest of every file, so a reader can tell a whole checkpoint from a torn one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointCommit {
+    pub run_id: String,
+    pub spec_digest: String,
+    pub step: u64,
+    pub attempt: String,
+    /// key (relative to the output root) → sha256
+    pub files: BTreeMap<String, String>,
+    /// the loss of the last step before the checkpoint
+    pub loss: f64,
+    /// the loss on the run's fixed evaluation batch at this checkpoint, and before step 1
+    pub eval_loss: f64,
+    pub initial_eval_loss: f64,
+}
+
+/// The record a finished run writes last (`result.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingResult {
+    pub run_id: String,
+    pub spec_digest: String,
+    pub steps: u64,
+    pub final_loss: f64,
+    /// the fixed evaluation batch's loss before training and after the last step
+    pub initial_eval_loss: f64,
+    pub final_eval_loss: f64,
+    /// URI of the trained model directory
+    pub model: String,
+    pub model_id: String,
+    pub model_digest: String,
+}
+
+/// One row of the training log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogRow {
+    pub step: u64,
+    pub loss: f64,
+    pub lr: f64,
+    pub augmented: bool,
+    /// the batch's defect types, comma-separated
+    pub types: String,
+    pub seconds: f64,
+}
+
+/// The training log rows as Parquet (columns step, loss, lr, augmented, types, seconds).
+pub fn log_parquet(rows: &[LogRow]) -> Result<Vec<u8>, String> {
+    use arrow::array::{ArrayRef, BooleanArray, Float64Array, StringArray, UInt64Array};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use arrow::record_batch::RecordBatch;
+    use std::sync::Arc;
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("step", DataType::UInt64, false),
+        Field::new("loss", DataType::Float64, false),
+        Field::new("lr", DataType::Float64, false),
+        Field::new("augmented", DataType::Boolean, false),
+        Field::new("types", DataType::Utf8, false),
+        Field::new("seconds", DataType::Float64, false),
+    ]));
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.step))),
+        Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.loss))),
+        Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.lr))),
+        Arc::new(BooleanArray::from(
+            rows.iter().map(|r| r.augmented).collect::<Vec<_>>(),
+        )),
+        Arc::new(StringArray::from_iter_values(
+            rows.iter().map(|r| r.types.as_str()),
+        )),
+        Arc::new(Float64Array::from_iter_values(
+            rows.iter().map(|r| r.seconds),
+        )),
+    ];
+    let batch = RecordBatch::try_new(schema.clone(), cols).map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    let mut w =
+        parquet::arrow::ArrowWriter::try_new(&mut buf, schema, None).map_err(|e| e.to_string())?;
+    w.write(&batch).map_err(|e| e.to_string())?;
+    w.close().map_err(|e| e.to_string())?;
+    Ok(buf)
+}
+
+/// Reads training log rows back (any number of parts, concatenated by the caller).
+pub fn read_log_parquet(bytes: bytes::Bytes) -> Result<Vec<LogRow>, String> {
+    use arrow::array::{BooleanArray, Float64Array, StringArray, UInt64Array};
+    let r = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
+        .map_err(|e| e.to_string())?
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for b in r {
+        let b = b.map_err(|e| e.to_string())?;
+        let col = |n: &str| b.column_by_name(n).ok_or_else(|| format!("log has no {n}"));
+        let step = col("step")?
+            .as_any()
+            .downcast_ref::<UInt64Array>()
+            .ok_or("step")?
+            .clone();
+        let loss = col("loss")?
+            .as_any()
+            .downcast_ref::<Float64Array>()
+            .ok_or("loss")?
+            .clone();
+        let lr = col("lr")?
+            .as_any()
+            .downcast_ref::<Float64Array>()
+            .ok_or("lr")?
+            .clone();
+        let aug = col("augmented")?
+            .as_any()
+            .downcast_ref::<BooleanArray>()
+            .ok_or("augmented")?
+            .clone();
+        let types = col("types")?
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .ok_or("types")?
+            .clone();
+        let secs = col("seconds")?
+            .as_any()
+            .downcast_ref::<Float64Array>()
+            .ok_or("seconds")?
+            .clone();
+        for i in 0..b.num_rows() {
+            out.push(LogRow {
+                step: step.value(i),
+                loss: loss.value(i),
+                lr: lr.value(i),
+                augmented: aug.value(i),
+                types: types.value(i).to_string(),
+                seconds: secs.value(i),
+            });
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<TrainingSpec, TrainingSpecError> {
+        TrainingSpec::parse(s, Path::new("/base"), "t.toml")
+    }
+
+    #[test]
+    fn a_minimal_spec_takes_the_official_defaults() {
+        let s = parse(
+            r#"
+name = "Demo types"
+seed = 23
+base_model = "models/ad-1"
+output = "out"
+[dataset]
+source = "data"
+[types."bottle+broken_large"]
+[training]
+steps = 40
+"#,
+        )
+        .unwrap();
+        assert_eq!(s.training.lr(), 0.02);
+        assert_eq!(s.training.batch, 4);
+        assert_eq!(s.training.encoder, EncoderMode::Train);
+        assert_eq!(s.training.init_word, "anomaly");
+        assert_eq!(s.few_shot_split, FewShotSplit::Disjoint);
+        assert_eq!(
+            s.types["bottle+broken_large"].images,
+            "/base/data/bottle/test/broken_large"
+        );
+        assert_eq!(s.base_model, "/base/models/ad-1");
+        assert_eq!(s.run_id(), "demo-types");
+        let mut t = s.clone();
+        t.training.steps = 41;
+        assert_eq!(s.run_id(), t.run_id(), "the name is the run");
+        assert_ne!(s.digest(), t.digest());
+        assert_eq!(
+            s.differences(&t),
+            vec!["training.steps: 40 → 41".to_string()]
+        );
+        assert_eq!(
+            keys::parse_commit("r", &keys::checkpoint_commit("r", 20, "a1")),
+            Some((20, "a1".to_string()))
+        );
+        assert_eq!(
+            keys::parse_commit("r", &keys::checkpoint_state("r", 20, "a1")),
+            None
+        );
+        let rows = vec![LogRow {
+            step: 1,
+            loss: 0.5,
+            lr: 0.02,
+            augmented: true,
+            types: "a+b".into(),
+            seconds: 1.5,
+        }];
+        let back = read_log_parquet(log_parquet(&rows).unwrap().into()).unwrap();
+        assert_eq!(back, rows);
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let e = parse(
+            r#"
+seed = -1
+base_model = "http://x"
+[dataset]
+source = "data"
+layout = "folder"
+few_shot_split = "half"
+[types.nocategory]
+[types."sheet+stain"]
+images = "i"
+[training]
+steps = 0
+batch = 1000
+encoder = "thawed"
+init_word = "two words"
+bogus = 1
+"#,
+        )
+        .unwrap_err()
+        .to_string();
+        for needle in [
+            "name: missing",
+            "seed must be >= 0",
+            "base_model: \"http://x\" is neither",
+            "output: missing",
+            "few_shot_split: unknown split \"half\"",
+            "types.\"nocategory\": a type is named <category>+<defect>",
+            "types.\"sheet+stain\": the folder layout needs images",
+            "training.steps must be >= 1",
+            "training.batch must be <= 64",
+            "training.encoder: unknown mode \"thawed\"",
+            "training.init_word must be one word",
+            "training.bogus: unknown key",
+        ] {
+            assert!(e.contains(needle), "missing {needle:?} in:\n{e}");
+        }
+    }
+}
