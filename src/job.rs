@@ -24,16 +24,19 @@ pub enum JobKind {
     Generate,
     /// one chunk of a mask bank ([`MaskBankJob`])
     MaskBank,
+    /// one segment of a training run ([`TrainJob`])
+    Train,
 }
 
 impl JobKind {
     /// Every kind this build reads, as written in messages.
-    pub const NAMES: &'static [&'static str] = &["generate", "mask_bank"];
+    pub const NAMES: &'static [&'static str] = &["generate", "mask_bank", "train"];
 
     pub fn as_str(self) -> &'static str {
         match self {
             JobKind::Generate => "generate",
             JobKind::MaskBank => "mask_bank",
+            JobKind::Train => "train",
         }
     }
 }
@@ -123,11 +126,57 @@ impl MaskBankJob {
     }
 }
 
+/// One segment of a training run: identities only. The worker reads the run's record
+/// (`training/<run_id>/run.json` under `output`), checks that it hashes to `spec_digest`,
+/// resumes from the run's newest valid checkpoint and trains one segment
+/// (`training.segment_steps`), commits its checkpoint, and publishes the next segment before
+/// it acks this one: no delivery outlives the broker's consumer timeout, and a lost worker
+/// costs at most one segment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrainJob {
+    /// the run's output root (a directory or s3://bucket/prefix), where its record is
+    pub output: String,
+    pub run_id: String,
+    /// the SHA-256 of the run's spec (its record)
+    pub spec_digest: String,
+    /// the step the segment trains to (the next segment's job names the one after)
+    pub until_step: u64,
+}
+
+impl TrainJob {
+    /// `<run_id>/<until_step>`, for logs and failure records.
+    pub fn id(&self) -> String {
+        format!("{}/{:08}", self.run_id, self.until_step)
+    }
+
+    fn check(self) -> Result<Self, MessageError> {
+        let bad = |reason: String| MessageError::Inconsistent {
+            shard: self.id(),
+            reason,
+        };
+        if !crate::ids::is_safe_campaign_id(&self.run_id) {
+            return Err(bad(format!("run id {:?} is not key-safe", self.run_id)));
+        }
+        if self.spec_digest.len() != 64 || !self.spec_digest.bytes().all(|c| c.is_ascii_hexdigit())
+        {
+            return Err(bad("spec digest is not 64 hex digits".into()));
+        }
+        if self.until_step == 0 || self.until_step > crate::training::MAX_STEPS {
+            return Err(bad(format!(
+                "until_step {} is out of range",
+                self.until_step
+            )));
+        }
+        Ok(self)
+    }
+}
+
 /// One queue message.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Job {
     Generate(GenerateJob),
     MaskBank(MaskBankJob),
+    Train(TrainJob),
 }
 
 impl Job {
@@ -135,6 +184,7 @@ impl Job {
         match self {
             Job::Generate(_) => JobKind::Generate,
             Job::MaskBank(_) => JobKind::MaskBank,
+            Job::Train(_) => JobKind::Train,
         }
     }
 
@@ -144,6 +194,7 @@ impl Job {
         match self {
             Job::Generate(m) => format!("{}/{}", m.campaign_id, m.shard_id()),
             Job::MaskBank(j) => j.id(),
+            Job::Train(j) => j.id(),
         }
     }
 
@@ -152,6 +203,7 @@ impl Job {
         match self {
             Job::Generate(m) => &m.campaign_id,
             Job::MaskBank(j) => &j.run_id,
+            Job::Train(j) => &j.run_id,
         }
     }
 
@@ -159,6 +211,7 @@ impl Job {
         let mut o = match self {
             Job::Generate(m) => serde_json::to_value(m),
             Job::MaskBank(j) => serde_json::to_value(j),
+            Job::Train(j) => serde_json::to_value(j),
         }
         .expect("jobs serialize");
         let map = o.as_object_mut().expect("a job is a JSON object");
@@ -195,6 +248,11 @@ impl Job {
                 let j: MaskBankJob = serde_json::from_slice(b)
                     .map_err(|e| MessageError::Malformed(e.to_string()))?;
                 Ok(Job::MaskBank(j.check()?))
+            }
+            Some("train") => {
+                let j: TrainJob = serde_json::from_slice(b)
+                    .map_err(|e| MessageError::Malformed(e.to_string()))?;
+                Ok(Job::Train(j.check()?))
             }
             Some(other) => Err(MessageError::UnknownKind {
                 kind: other.to_string(),
@@ -257,15 +315,33 @@ mod tests {
         };
         evil.type_name = "../x".into();
         assert!(Job::from_bytes(&Job::MaskBank(evil).to_bytes()).is_err());
+        let train = Job::Train(TrainJob {
+            output: "s3://b/runs".into(),
+            run_id: "demo-types".into(),
+            spec_digest: "cd".repeat(32),
+            until_step: 2000,
+        });
+        let v: serde_json::Value = serde_json::from_slice(&train.to_bytes()).unwrap();
+        assert_eq!(v["kind"], "train");
+        assert_eq!(Job::from_bytes(&train.to_bytes()).unwrap(), train);
+        assert_eq!(train.id(), "demo-types/00002000");
+        let Job::Train(mut evil) = train else {
+            unreachable!()
+        };
+        evil.run_id = "../x".into();
+        assert!(Job::from_bytes(&Job::Train(evil.clone()).to_bytes()).is_err());
+        evil.run_id = "ok".into();
+        evil.until_step = 0;
+        assert!(Job::from_bytes(&Job::Train(evil).to_bytes()).is_err());
     }
 
     #[test]
     fn newer_versions_and_unknown_kinds_ask_for_an_upgrade() {
         let mut v: serde_json::Value =
             serde_json::from_slice(&Job::Generate(generate()).to_bytes()).unwrap();
-        v["kind"] = "train".into();
+        v["kind"] = "evaluate".into();
         let e = Job::from_bytes(&serde_json::to_vec(&v).unwrap()).unwrap_err();
-        assert!(matches!(&e, MessageError::UnknownKind { kind } if kind == "train"));
+        assert!(matches!(&e, MessageError::UnknownKind { kind } if kind == "evaluate"));
         assert!(e.to_string().contains("upgrade the worker"), "{e}");
         v["v"] = (JOB_VERSION + 1).into();
         let e = Job::from_bytes(&serde_json::to_vec(&v).unwrap()).unwrap_err();

@@ -28,6 +28,7 @@
 //! augment = true        # the official batch augmentation (p ½)
 //! checkpoint_every = 2000
 //! preview_every = 2000
+//! segment_steps = 2000  # steps per fleet job (train submit)
 //! ```
 
 use std::collections::BTreeMap;
@@ -37,6 +38,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::campaign::walk::{check_location, Walker};
 use crate::campaign::{is_safe_name, resolve_location, split_type_name, FewShotSplit, Layout};
+use crate::store::{ObjectStore, S3Config, StoreError};
 
 /// Largest step count a spec may ask for (the official max_steps, 1e6).
 pub const MAX_STEPS: u64 = 1_000_000;
@@ -86,9 +88,17 @@ pub struct TrainingSettings {
     pub augment: bool,
     pub checkpoint_every: u64,
     pub preview_every: u64,
+    /// steps per job on the fleet (`train submit`): each segment commits a checkpoint and
+    /// publishes the next; keep one under the broker's consumer timeout (30 min by default)
+    pub segment_steps: u64,
 }
 
 impl TrainingSettings {
+    /// The step the segment after one ending at `step` trains to.
+    pub fn next_segment_end(&self, step: u64) -> u64 {
+        (step + self.segment_steps).min(self.steps)
+    }
+
     /// The learning rate actually used: `base_lr × batch × accumulation` (the official
     /// `scale_lr`).
     pub fn lr(&self) -> f64 {
@@ -340,6 +350,7 @@ impl TrainingSpec {
                 "augment",
                 "checkpoint_every",
                 "preview_every",
+                "segment_steps",
             ],
         );
         let steps = w.int_opt(t, "training", "steps", 1).map(|s| s as u64);
@@ -403,6 +414,10 @@ impl TrainingSpec {
             .int_opt(t, "training", "preview_every", 0)
             .map(|n| n as u64)
             .unwrap_or_else(|| total.min(2000));
+        let segment_steps = w
+            .int_opt(t, "training", "segment_steps", 1)
+            .map(|n| n as u64)
+            .unwrap_or(checkpoint_every);
 
         if !w.problems.is_empty() {
             return Err(TrainingSpecError::Invalid {
@@ -431,6 +446,7 @@ impl TrainingSpec {
                 augment,
                 checkpoint_every,
                 preview_every,
+                segment_steps,
             },
         })
     }
@@ -540,6 +556,10 @@ pub mod keys {
     }
     pub fn result(run: &str) -> String {
         format!("training/{run}/result.json")
+    }
+    /// Marker: the fleet job that trains to `step` has been published.
+    pub fn segment_published(run: &str, step: u64) -> String {
+        format!("training/{run}/segments/{step:08}")
     }
     /// `(step, attempt)` of a commit key under [`checkpoints`].
     pub fn parse_commit(run: &str, key: &str) -> Option<(u64, String)> {
@@ -690,6 +710,173 @@ pub fn read_log_parquet(bytes: bytes::Bytes) -> Result<Vec<LogRow>, String> {
     Ok(out)
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Conflict(String),
+}
+
+/// Writes the run's record (`run.json`) if there is none; a record of a different spec under
+/// the same name is refused, naming the changed keys.
+pub async fn ensure_run_record(
+    out: &dyn ObjectStore,
+    spec: &TrainingSpec,
+) -> Result<(), RecordError> {
+    let run_id = spec.run_id();
+    let key = keys::run_record(&run_id);
+    match out.get(&key).await {
+        Ok(b) => {
+            let prev: TrainingSpec = serde_json::from_slice(&b).map_err(|e| {
+                RecordError::Conflict(format!("{}: not a training record: {e}", out.uri(&key)))
+            })?;
+            if prev.digest() != spec.digest() {
+                return Err(RecordError::Conflict(format!(
+                    "training run {run_id} already exists at {} with a different spec ({}); resume it with the same spec, or give the new one another name",
+                    out.uri(&key),
+                    prev.differences(spec).join("; ")
+                )));
+            }
+            Ok(())
+        }
+        Err(StoreError::NotFound { .. }) => {
+            let body = serde_json::to_vec_pretty(spec).expect("json");
+            out.put(&key, body.into(), "application/json").await?;
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The highest step with a commit record (not verified: cheap, for scheduling the next
+/// segment), or 0.
+pub async fn committed_step(out: &dyn ObjectStore, run_id: &str) -> Result<u64, StoreError> {
+    Ok(out
+        .list(&keys::checkpoints(run_id))
+        .await?
+        .into_iter()
+        .filter_map(|m| keys::parse_commit(run_id, &m.key))
+        .map(|(s, _)| s)
+        .max()
+        .unwrap_or(0))
+}
+
+/// The newest valid checkpoint commit, if any (a commit whose files all exist with their
+/// digests; torn or foreign ones are skipped with a warning).
+pub async fn latest_checkpoint(
+    out: &dyn ObjectStore,
+    run_id: &str,
+    spec_digest: &str,
+) -> Result<Option<(CheckpointCommit, bytes::Bytes)>, StoreError> {
+    let mut commits: Vec<(u64, String)> = out
+        .list(&keys::checkpoints(run_id))
+        .await?
+        .into_iter()
+        .filter_map(|m| keys::parse_commit(run_id, &m.key))
+        .collect();
+    commits.sort();
+    while let Some((step, attempt)) = commits.pop() {
+        let key = keys::checkpoint_commit(run_id, step, &attempt);
+        let Ok(body) = out.get(&key).await else {
+            continue;
+        };
+        let Ok(c) = serde_json::from_slice::<CheckpointCommit>(&body) else {
+            tracing::warn!(%key, "unreadable checkpoint commit; skipped");
+            continue;
+        };
+        if c.spec_digest != spec_digest || c.step != step || c.attempt != attempt {
+            tracing::warn!(%key, "checkpoint commit of another spec or key; skipped");
+            continue;
+        }
+        let state_key = keys::checkpoint_state(run_id, step, &attempt);
+        let Some(want) = c.files.get(&state_key) else {
+            continue;
+        };
+        match out.get(&state_key).await {
+            Ok(b) if &crate::ids::sha256_hex(&b) == want => return Ok(Some((c, b))),
+            Ok(_) => {
+                tracing::warn!(%state_key, "checkpoint state differs from its commit; skipped")
+            }
+            Err(e) => {
+                tracing::warn!(%state_key, error = %e, "checkpoint state unreadable; skipped")
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Status of a run read from its store: the newest valid checkpoint and the result.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainStatus {
+    pub run_id: String,
+    pub steps: u64,
+    pub checkpoint_step: Option<u64>,
+    pub checkpoint_loss: Option<f64>,
+    /// the fixed evaluation batch's loss before training and at the newest checkpoint
+    pub initial_eval_loss: Option<f64>,
+    pub eval_loss: Option<f64>,
+    pub cancelled: bool,
+    pub result: Option<TrainingResult>,
+    /// the training log so far (committed checkpoints only)
+    pub log_rows: usize,
+    pub last_losses: Vec<(u64, f64)>,
+}
+
+/// Reads a run's status (what `train status` prints).
+pub async fn status(spec: &TrainingSpec, s3: &S3Config) -> Result<TrainStatus, StoreError> {
+    let run_id = spec.run_id();
+    let out = crate::store::open(&spec.output, s3).await?;
+    let digest = spec.digest();
+    let ck = latest_checkpoint(out.as_ref(), &run_id, &digest).await?;
+    let result = match out.get(&keys::result(&run_id)).await {
+        Ok(b) => serde_json::from_slice::<TrainingResult>(&b)
+            .ok()
+            .filter(|r| r.spec_digest == digest),
+        Err(_) => None,
+    };
+    // the log of committed checkpoints only
+    let mut rows = Vec::new();
+    let mut commits: Vec<(u64, String)> = out
+        .list(&keys::checkpoints(&run_id))
+        .await?
+        .into_iter()
+        .filter_map(|m| keys::parse_commit(&run_id, &m.key))
+        .collect();
+    commits.sort();
+    let mut covered = 0u64;
+    for (step, attempt) in commits {
+        if step <= covered {
+            continue;
+        }
+        if let Ok(b) = out.get(&keys::log_part(&run_id, step, &attempt)).await {
+            if let Ok(r) = read_log_parquet(b) {
+                rows.extend(r.into_iter().filter(|r| r.step > covered));
+                covered = step;
+            }
+        }
+    }
+    let last_losses = rows
+        .iter()
+        .rev()
+        .take(5)
+        .rev()
+        .map(|r| (r.step, r.loss))
+        .collect();
+    Ok(TrainStatus {
+        run_id: run_id.clone(),
+        steps: spec.training.steps,
+        checkpoint_step: ck.as_ref().map(|(c, _)| c.step),
+        checkpoint_loss: ck.as_ref().map(|(c, _)| c.loss),
+        initial_eval_loss: ck.as_ref().map(|(c, _)| c.initial_eval_loss),
+        eval_loss: ck.as_ref().map(|(c, _)| c.eval_loss),
+        cancelled: matches!(out.head(&keys::cancelled(&run_id)).await, Ok(Some(_))),
+        result,
+        log_rows: rows.len(),
+        last_losses,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -751,6 +938,20 @@ steps = 40
         }];
         let back = read_log_parquet(log_parquet(&rows).unwrap().into()).unwrap();
         assert_eq!(back, rows);
+    }
+
+    #[test]
+    fn every_example_training_spec_parses() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/training");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().and_then(|e| e.to_str()) == Some("toml") {
+                TrainingSpec::load(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                n += 1;
+            }
+        }
+        assert!(n >= 2, "only {n} example specs");
     }
 
     #[test]

@@ -133,6 +133,63 @@ async fn train_learns_types_survives_kill_9_and_the_model_generates() {
         assert_eq!((img.width(), img.height()), (3 * 256, 2 * 256));
     }
 
+    // The same training on the worker fleet (segments of 6 steps through RabbitMQ): the
+    // worker is killed with SIGKILL inside the first segment, after its step-3 checkpoint;
+    // the broker redelivers the segment to another worker, which resumes at step 3.
+    let fleet = spec(&sc, "fleet", &base, &out, "segment_steps = 6");
+    assert_eq!(
+        sc.ok(&["train", "submit", fleet.to_str().unwrap()]).trim(),
+        "fleet"
+    );
+    let mut wa = sc.worker("a", &[]);
+    let t0 = Instant::now();
+    loop {
+        let commits = store
+            .list("training/fleet/checkpoints/")
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|m| m.key.ends_with(".commit"))
+            .count();
+        if commits >= 1 {
+            break;
+        }
+        assert!(
+            wa.try_wait().unwrap().is_none(),
+            "worker a stopped: {}",
+            sc.worker_log("a")
+        );
+        assert!(t0.elapsed() < Duration::from_secs(600), "no checkpoint");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wa.kill().unwrap(); // SIGKILL, mid-segment
+    wa.wait().unwrap();
+    let mut wb = sc.worker("b", &[]);
+    sc.ok(&[
+        "train",
+        "watch",
+        fleet.to_str().unwrap(),
+        "--interval-s",
+        "1",
+        "--timeout-s",
+        "600",
+    ]);
+    assert_eq!(kill_term(&mut wb), Some(0), "{}", sc.worker_log("b"));
+    let st: serde_json::Value = serde_json::from_slice(
+        &sc.cli(&["train", "status", fleet.to_str().unwrap(), "--json"])
+            .stdout,
+    )
+    .unwrap();
+    assert_eq!(
+        st["result"]["model_digest"], r["model_digest"],
+        "the fleet's run must end with the uninterrupted run's model: {st}"
+    );
+    assert!(
+        sc.worker_log("b").contains("resuming from checkpoint"),
+        "{}",
+        sc.worker_log("b")
+    );
+
     // The trained model records where it came from and names the new types.
     let shown: serde_json::Value =
         serde_json::from_str(&sc.ok(&["models", "show", &trained])).unwrap();

@@ -970,42 +970,133 @@ pub async fn train_run(
     Err(crate::embedded::not_embedded("`train run`"))
 }
 
-/// `train status`: the newest checkpoint, recent losses and the result of a run.
-#[cfg(feature = "embedded")]
+/// `train status`: the newest checkpoint, recent losses and the result of a run; exit 0 when
+/// it finished, 1 otherwise.
 pub async fn train_status(path: &Path, json: bool, s3: &S3Config) -> Result<i32> {
     let spec = defectforge::training::TrainingSpec::load(path)?;
-    let st = defectforge_worker::training::status(&spec, s3).await?;
+    let st = defectforge::training::status(&spec, s3).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&st)?);
     } else {
-        let at = st
-            .checkpoint_step
-            .map_or("no checkpoint yet".to_string(), |s| {
-                format!("checkpoint at step {s}")
-            });
-        println!(
-            "{}: {at} of {} steps{}",
-            st.run_id,
-            st.steps,
-            if st.cancelled { " (cancelled)" } else { "" }
-        );
-        if let (Some(a), Some(b)) = (st.initial_eval_loss, st.eval_loss) {
-            println!("  evaluation loss {a:.5} before training, {b:.5} at the checkpoint");
-        }
-        for (s, l) in &st.last_losses {
-            println!("  step {s}: loss {l:.5}");
-        }
-        if let Some(r) = &st.result {
-            println!("  finished: model {}", r.model);
-        }
+        print_train_status(&st);
     }
     Ok(if st.result.is_some() { 0 } else { 1 })
 }
 
-/// `train status` without the engine.
-#[cfg(not(feature = "embedded"))]
-pub async fn train_status(_path: &Path, _json: bool, _s3: &S3Config) -> Result<i32> {
-    Err(crate::embedded::not_embedded("`train status`"))
+fn print_train_status(st: &defectforge::training::TrainStatus) {
+    let at = st
+        .checkpoint_step
+        .map_or("no checkpoint yet".to_string(), |s| {
+            format!("checkpoint at step {s}")
+        });
+    println!(
+        "{}: {at} of {} steps{}",
+        st.run_id,
+        st.steps,
+        if st.cancelled { " (cancelled)" } else { "" }
+    );
+    if let (Some(a), Some(b)) = (st.initial_eval_loss, st.eval_loss) {
+        println!("  evaluation loss {a:.5} before training, {b:.5} at the checkpoint");
+    }
+    for (s, l) in &st.last_losses {
+        println!("  step {s}: loss {l:.5}");
+    }
+    if let Some(r) = &st.result {
+        println!("  finished: model {}", r.model);
+    }
+}
+
+/// `train submit`: records the run (or checks its record) and publishes the job of its next
+/// segment; workers continue the chain. Prints the run id.
+pub async fn train_submit(path: &Path, amqp: &AmqpArgs, s3: &S3Config) -> Result<i32> {
+    use defectforge::job::{Job, TrainJob};
+    use defectforge::training::{committed_step, ensure_run_record, keys};
+    let spec = defectforge::training::TrainingSpec::load(path)?;
+    if spec.demo {
+        demo::ensure(Path::new(&spec.dataset_source))
+            .with_context(|| format!("cannot write the demo dataset at {}", spec.dataset_source))?;
+    }
+    let run_id = spec.run_id();
+    let out = store::open(&spec.output, s3).await?;
+    out.check()
+        .await
+        .with_context(|| format!("the run's output {} is not reachable", spec.output))?;
+    ensure_run_record(out.as_ref(), &spec).await?;
+    if out.head(&keys::result(&run_id)).await?.is_some() {
+        eprintln!("{run_id}: already finished (`defectforge train status` shows its model)");
+        println!("{run_id}");
+        return Ok(0);
+    }
+    let marker = keys::cancelled(&run_id);
+    if out.head(&marker).await?.is_some() {
+        out.delete(&marker).await?;
+        eprintln!("{run_id}: was cancelled; resuming");
+    }
+    let at = committed_step(out.as_ref(), &run_id).await?;
+    let until = spec.training.next_segment_end(at);
+    let q = AmqpQueue::connect(amqp.config("defectforge-train-submit"))
+        .await
+        .context("cannot reach the broker")?;
+    let job = Job::Train(TrainJob {
+        output: spec.output.clone(),
+        run_id: run_id.clone(),
+        spec_digest: spec.digest(),
+        until_step: until,
+    });
+    out.put(
+        &keys::segment_published(&run_id, until),
+        bytes::Bytes::from_static(b"{}"),
+        "application/json",
+    )
+    .await?;
+    q.publish(vec![job.to_bytes()]).await?;
+    q.close().await;
+    eprintln!(
+        "{run_id}: submitted (from step {at}, segments of {} steps to {}); results go to {}",
+        spec.training.segment_steps, spec.training.steps, spec.output
+    );
+    println!("{run_id}");
+    Ok(0)
+}
+
+/// `train watch`: follows a run from its store until it finishes (exit 0), is cancelled
+/// (exit 3) or `timeout_s` passes (exit 1).
+pub async fn train_watch(
+    path: &Path,
+    interval_s: u64,
+    timeout_s: Option<u64>,
+    s3: &S3Config,
+) -> Result<i32> {
+    let spec = defectforge::training::TrainingSpec::load(path)?;
+    let t0 = Instant::now();
+    let pb = bar(spec.training.steps, &format!("train {}", spec.run_id()));
+    loop {
+        let st = defectforge::training::status(&spec, s3).await?;
+        pb.set_position(st.checkpoint_step.unwrap_or(0));
+        if let Some(r) = &st.result {
+            pb.finish_and_clear();
+            print_train_status(&st);
+            eprintln!("{}: finished; model {}", st.run_id, r.model);
+            return Ok(0);
+        }
+        if st.cancelled {
+            pb.abandon();
+            print_train_status(&st);
+            return Ok(3);
+        }
+        if timeout_s.is_some_and(|t| t0.elapsed() >= Duration::from_secs(t)) {
+            pb.abandon();
+            print_train_status(&st);
+            eprintln!(
+                "{}: not finished after {} s",
+                st.run_id,
+                t0.elapsed().as_secs()
+            );
+            return Ok(1);
+        }
+        info!(run = %st.run_id, step = ?st.checkpoint_step, "training in progress");
+        tokio::time::sleep(Duration::from_secs(interval_s.max(1))).await;
+    }
 }
 
 /// `train cancel`: a marker the run checks at every checkpoint.

@@ -194,6 +194,26 @@ enum TrainCmd {
         #[command(flatten)]
         s3: S3Args,
     },
+    /// Record the run and queue it for the worker fleet (segments of `segment_steps`, each
+    /// committed and followed by the next); prints the run id. Again later: resumes it
+    Submit {
+        spec: PathBuf,
+        #[command(flatten)]
+        amqp: AmqpArgs,
+        #[command(flatten)]
+        s3: S3Args,
+    },
+    /// Follow a run until it finishes (exit 0), is cancelled (3) or the timeout passes (1)
+    Watch {
+        spec: PathBuf,
+        /// seconds between looks at the store
+        #[arg(long, env = "DEFECTFORGE_WATCH_INTERVAL_S", default_value_t = 10)]
+        interval_s: u64,
+        #[arg(long, env = "DEFECTFORGE_WATCH_TIMEOUT_S")]
+        timeout_s: Option<u64>,
+        #[command(flatten)]
+        s3: S3Args,
+    },
     /// A run's progress from its store: newest checkpoint, recent losses, the result
     Status {
         spec: PathBuf,
@@ -202,7 +222,7 @@ enum TrainCmd {
         #[command(flatten)]
         s3: S3Args,
     },
-    /// Stop a running `train run` at its next checkpoint (`train run` again resumes it)
+    /// Stop a run at its next checkpoint (`train run` or `train submit` again resumes it)
     Cancel {
         spec: PathBuf,
         #[command(flatten)]
@@ -502,6 +522,18 @@ async fn main() {
         Cmd::Train {
             cmd: TrainCmd::Status { spec, json, s3 },
         } => commands::train_status(&spec, json, &s3.config()).await,
+        Cmd::Train {
+            cmd: TrainCmd::Submit { spec, amqp, s3 },
+        } => commands::train_submit(&spec, &amqp, &s3.config()).await,
+        Cmd::Train {
+            cmd:
+                TrainCmd::Watch {
+                    spec,
+                    interval_s,
+                    timeout_s,
+                    s3,
+                },
+        } => commands::train_watch(&spec, interval_s, timeout_s, &s3.config()).await,
         Cmd::Train {
             cmd: TrainCmd::Cancel { spec, s3 },
         } => commands::train_cancel(&spec, &s3.config()).await,

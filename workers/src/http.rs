@@ -247,6 +247,33 @@ pub fn render_metrics(c: &Counters, ready: bool) -> String {
             escape_label(&cid)
         );
     }
+    let training = c.training.lock().expect("training gauge").clone();
+    family(
+        &mut o,
+        "defectforge_training_step",
+        "gauge",
+        "The last step this worker trained of each training run.",
+    );
+    for (run, (step, _)) in &training {
+        let _ = writeln!(
+            o,
+            "defectforge_training_step{{run=\"{}\"}} {step}",
+            escape_label(run)
+        );
+    }
+    family(
+        &mut o,
+        "defectforge_training_loss",
+        "gauge",
+        "The loss of that step.",
+    );
+    for (run, (_, loss)) in &training {
+        let _ = writeln!(
+            o,
+            "defectforge_training_loss{{run=\"{}\"}} {loss}",
+            escape_label(run)
+        );
+    }
     family(
         &mut o,
         "defectforge_consumers",
@@ -301,6 +328,19 @@ mod tests {
         assert!(t.contains("defectforge_shard_duration_seconds_count 2\n"));
         assert!(t.contains("defectforge_ready 0\n"));
         assert!(t.contains("defectforge_model_load_seconds 0\n"));
+        c.training
+            .lock()
+            .unwrap()
+            .insert("demo-types".into(), (7, 0.25));
+        let t = render_metrics(&c, false);
+        assert!(
+            t.contains("defectforge_training_step{run=\"demo-types\"} 7\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("defectforge_training_loss{run=\"demo-types\"} 0.25\n"),
+            "{t}"
+        );
         // every sample line belongs to a declared family
         for l in t.lines().filter(|l| !l.starts_with('#')) {
             let name = l.split(['{', ' ']).next().unwrap();

@@ -29,7 +29,12 @@ pub struct Counters {
     /// consume loops currently attached to the broker (readiness: > 0)
     pub consumers: AtomicU64,
     campaigns: Mutex<CampaignGauge>,
+    /// training runs this worker has trained: run id → (last step, its loss)
+    pub training: TrainingGauge,
 }
+
+/// The step and loss of every training run a worker has trained, for `/metrics`.
+pub type TrainingGauge = std::sync::Arc<Mutex<BTreeMap<String, (u64, f64)>>>;
 
 /// How a delivery ended, for metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -19,10 +19,23 @@ use crate::metrics::{Attached, Counters, ShardKind};
 /// How a delivery ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    Committed { samples: usize },
-    Skipped { reason: String },
-    DeadLettered { cause: String },
-    Requeued { cause: String },
+    Committed {
+        samples: usize,
+    },
+    /// committed, and the job continues as `next` (a training run's next segment), which is
+    /// published — confirmed by the broker — before this delivery is acked
+    Continue {
+        next: Box<Job>,
+    },
+    Skipped {
+        reason: String,
+    },
+    DeadLettered {
+        cause: String,
+    },
+    Requeued {
+        cause: String,
+    },
 }
 
 /// Conditions after which the worker must stop (the supervisor restarts it).
@@ -132,6 +145,15 @@ pub trait JobHandler: Send + Sync {
 /// Processes one delivery and answers the broker. Returns how it ended, or an error after
 /// which the worker must stop.
 pub async fn handle(h: &dyn JobHandler, d: Delivery) -> Result<Outcome, WorkerError> {
+    handle_with(h, d, None).await
+}
+
+/// [`handle`] with the queue that follow-up jobs ([`Outcome::Continue`]) are published to.
+pub async fn handle_with(
+    h: &dyn JobHandler,
+    d: Delivery,
+    queue: Option<&dyn JobQueue>,
+) -> Result<Outcome, WorkerError> {
     let c = h.counters();
     let job = match Job::from_bytes(&d.body) {
         Ok(j) => j,
@@ -153,12 +175,17 @@ pub async fn handle(h: &dyn JobHandler, d: Delivery) -> Result<Outcome, WorkerEr
     let span = tracing::info_span!("job", kind = %job.kind(), id = %job.id());
     let t0 = Instant::now();
     let _in_progress = c.start(job.group());
-    let r = answer(h, d, &job).instrument(span).await;
+    let r = answer(h, d, &job, queue).instrument(span).await;
     c.shard_seconds.observe(t0.elapsed());
     r
 }
 
-async fn answer(h: &dyn JobHandler, d: Delivery, job: &Job) -> Result<Outcome, WorkerError> {
+async fn answer(
+    h: &dyn JobHandler,
+    d: Delivery,
+    job: &Job,
+    queue: Option<&dyn JobQueue>,
+) -> Result<Outcome, WorkerError> {
     let c = h.counters();
     let policy = h.policy();
     let deliveries = d.previous_deliveries + 1;
@@ -173,6 +200,32 @@ async fn answer(h: &dyn JobHandler, d: Delivery, job: &Job) -> Result<Outcome, W
             c.record(ShardKind::Committed, samples as u64);
             info!(samples, %kind, "shard committed");
             Ok(Outcome::Committed { samples })
+        }
+        Ok(Outcome::Continue { next }) => {
+            let published = match queue {
+                Some(q) => q
+                    .publish(vec![next.to_bytes()])
+                    .await
+                    .map_err(|e| e.to_string()),
+                None => Err("this worker has no queue to publish follow-up jobs to".into()),
+            };
+            match published {
+                Ok(()) => {
+                    d.acker.ack().await?;
+                    c.shards_committed.fetch_add(1, Ordering::Relaxed);
+                    c.record(ShardKind::Committed, 0);
+                    info!(%kind, next = %next.id(), "segment committed; the next one is queued");
+                    Ok(Outcome::Continue { next })
+                }
+                Err(cause) => {
+                    // the work is committed; redelivered, the job finds it and publishes again
+                    warn!(%cause, "could not publish the follow-up job; requeueing this one");
+                    d.acker.requeue().await?;
+                    c.shards_requeued.fetch_add(1, Ordering::Relaxed);
+                    c.record(ShardKind::Requeued, 0);
+                    Ok(Outcome::Requeued { cause })
+                }
+            }
         }
         Ok(other) => {
             d.acker.ack().await?;
@@ -327,7 +380,7 @@ pub async fn consume_loop(
             Some(Ok(None)) => return Ok(LoopEnd::Drained),
             Some(Err(e)) => return Err(e.into()),
             Some(Ok(Some(d))) => {
-                handle(worker, d).await?;
+                handle_with(worker, d, Some(queue)).await?;
             }
         }
     }

@@ -94,6 +94,9 @@ pub fn default_worker_id() -> String {
     format!("{host}-{}", std::process::id())
 }
 
+/// Smallest image side a worker accepts: smaller inputs are bad input, not work.
+pub const MIN_INPUT_SIDE: u32 = 16;
+
 pub struct Worker {
     pub cfg: WorkerConfig,
     generators: BTreeMap<&'static str, Arc<dyn Generator>>,
@@ -314,6 +317,15 @@ impl Worker {
                          s: &defectforge::messages::SampleSpec| {
             let (w, h) = imaging::dimensions(b, what, uri)
                 .map_err(|e| crate::compute::image_err(e, s, uri))?;
+            if w < MIN_INPUT_SIDE || h < MIN_INPUT_SIDE {
+                return Err(JobError::Permanent {
+                    sample: Some((s.sample_id.clone(), s.index)),
+                    input_uri: Some(uri.to_string()),
+                    cause: format!(
+                        "{what} {uri} is {w}×{h}: defect synthesis needs at least {MIN_INPUT_SIDE}×{MIN_INPUT_SIDE} pixels; remove it from the dataset"
+                    ),
+                });
+            }
             let px = w as u64 * h as u64;
             if px > budget.max_input_pixels {
                 return Err(crate::compute::image_err(
@@ -750,6 +762,20 @@ impl JobHandler for Worker {
                 )
                 .await
             }),
+            Job::Train(j) => Box::pin(async move {
+                let root = self
+                    .store(&j.output)
+                    .await
+                    .map_err(|e| JobError::from_store(e, false))?;
+                crate::training::run_job(
+                    j,
+                    root,
+                    &self.cfg.s3,
+                    &self.cfg.model_cache,
+                    self.counters.training.clone(),
+                )
+                .await
+            }),
         }
     }
 
@@ -768,6 +794,25 @@ impl JobHandler for Worker {
                     &self.cfg.worker_id,
                     self.cfg.retry,
                     failure,
+                )
+                .await
+            }),
+            Job::Train(j) => Box::pin(async move {
+                let root = self.store(&j.output).await?;
+                let key = format!("training/{}/failures/{:08}.json", j.run_id, j.until_step);
+                let body = serde_json::json!({
+                    "run_id": j.run_id,
+                    "until_step": j.until_step,
+                    "cause": failure.cause,
+                    "class": failure.class,
+                    "deliveries": failure.deliveries,
+                    "worker": self.cfg.worker_id,
+                    "at": Utc::now(),
+                });
+                root.put(
+                    &key,
+                    Bytes::from(serde_json::to_vec_pretty(&body).expect("json")),
+                    "application/json",
                 )
                 .await
             }),

@@ -42,7 +42,7 @@ use defectforge_engine::train::augment::{prepare_batch, LoadedSample};
 use defectforge_engine::train::{init_embedding, masked_training_loss, LossBatch, Trainable};
 use defectforge_engine::{DType, Device, NoiseSource, Tensor};
 use image::imageops::FilterType;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::models::{self, ModelError};
 
@@ -268,46 +268,6 @@ fn step_rng(seed: u64, step: u64, stream: u64) -> SplitMix64 {
     let mut s = SplitMix64::new(seed ^ 0x7472_6169_6e00_0000);
     let a = s.next_u64();
     SplitMix64::new(a ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ stream.rotate_left(32))
-}
-
-/// The newest valid checkpoint commit, if any (a commit whose files all exist with their
-/// digests; torn or foreign ones are skipped with a warning).
-async fn latest_checkpoint(
-    out: &dyn ObjectStore,
-    run_id: &str,
-    spec_digest: &str,
-) -> Result<Option<(CheckpointCommit, Bytes)>, TrainError> {
-    let mut commits: Vec<(u64, String)> = out
-        .list(&keys::checkpoints(run_id))
-        .await?
-        .into_iter()
-        .filter_map(|m| keys::parse_commit(run_id, &m.key))
-        .collect();
-    commits.sort();
-    while let Some((step, attempt)) = commits.pop() {
-        let key = keys::checkpoint_commit(run_id, step, &attempt);
-        let Ok(body) = out.get(&key).await else {
-            continue;
-        };
-        let Ok(c) = serde_json::from_slice::<CheckpointCommit>(&body) else {
-            warn!(%key, "unreadable checkpoint commit; skipped");
-            continue;
-        };
-        if c.spec_digest != spec_digest || c.step != step || c.attempt != attempt {
-            warn!(%key, "checkpoint commit of another spec or key; skipped");
-            continue;
-        }
-        let state_key = keys::checkpoint_state(run_id, step, &attempt);
-        let Some(want) = c.files.get(&state_key) else {
-            continue;
-        };
-        match out.get(&state_key).await {
-            Ok(b) if &defectforge::ids::sha256_hex(&b) == want => return Ok(Some((c, b))),
-            Ok(_) => warn!(%state_key, "checkpoint state differs from its commit; skipped"),
-            Err(e) => warn!(%state_key, error = %e, "checkpoint state unreadable; skipped"),
-        }
-    }
-    Ok(None)
 }
 
 /// Parses a checkpoint's state file into its parts.
@@ -563,26 +523,11 @@ pub fn run_blocking(
     let out: Arc<dyn ObjectStore> = rt.block_on(store::open(&spec.output, s3))?;
 
     // The run record: written once; a different spec under the same name is refused.
-    let rec_key = keys::run_record(&run_id);
-    match rt.block_on(out.get(&rec_key)) {
-        Ok(b) => {
-            let prev: TrainingSpec = serde_json::from_slice(&b).map_err(|e| {
-                TrainError::Invalid(format!("{}: not a training record: {e}", out.uri(&rec_key)))
-            })?;
-            if prev.digest() != digest {
-                return Err(TrainError::Invalid(format!(
-                    "training run {run_id} already exists at {} with a different spec ({}); resume it with the same spec, or give the new one another name",
-                    out.uri(&rec_key),
-                    prev.differences(spec).join("; ")
-                )));
-            }
-        }
-        Err(store::StoreError::NotFound { .. }) => {
-            let body = serde_json::to_vec_pretty(spec).expect("json");
-            rt.block_on(out.put(&rec_key, body.into(), "application/json"))?;
-        }
-        Err(e) => return Err(e.into()),
-    }
+    rt.block_on(defectforge::training::ensure_run_record(out.as_ref(), spec))
+        .map_err(|e| match e {
+            defectforge::training::RecordError::Store(e) => TrainError::Store(e),
+            e => TrainError::Invalid(e.to_string()),
+        })?;
     if let Ok(b) = rt.block_on(out.get(&keys::result(&run_id))) {
         if let Ok(r) = serde_json::from_slice::<TrainingResult>(&b) {
             if r.spec_digest == digest {
@@ -638,7 +583,11 @@ pub fn run_blocking(
     let encoder_file = model_dir.join(ad_model::SPATIAL_ENCODER);
 
     // Resume from the newest valid checkpoint.
-    let ckpt = rt.block_on(latest_checkpoint(out.as_ref(), &run_id, &digest))?;
+    let ckpt = rt.block_on(defectforge::training::latest_checkpoint(
+        out.as_ref(),
+        &run_id,
+        &digest,
+    ))?;
     let mut start = 0u64;
     let mut last_loss = f64::NAN;
     let mut state = None;
@@ -934,73 +883,114 @@ pub fn run_blocking(
     })
 }
 
-/// Status of a run read from its store: the newest valid checkpoint and the result.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct TrainStatus {
-    pub run_id: String,
-    pub steps: u64,
-    pub checkpoint_step: Option<u64>,
-    pub checkpoint_loss: Option<f64>,
-    /// the fixed evaluation batch's loss before training and at the newest checkpoint
-    pub initial_eval_loss: Option<f64>,
-    pub eval_loss: Option<f64>,
-    pub cancelled: bool,
-    pub result: Option<TrainingResult>,
-    /// the training log so far (committed checkpoints only)
-    pub log_rows: usize,
-    pub last_losses: Vec<(u64, f64)>,
-}
-
-/// Reads a run's status (what `train status` prints).
-pub async fn status(spec: &TrainingSpec, s3: &S3Config) -> Result<TrainStatus, TrainError> {
-    let run_id = spec.run_id();
-    let out = store::open(&spec.output, s3).await?;
-    let digest = spec.digest();
-    let ck = latest_checkpoint(out.as_ref(), &run_id, &digest).await?;
-    let result = match out.get(&keys::result(&run_id)).await {
-        Ok(b) => serde_json::from_slice::<TrainingResult>(&b)
-            .ok()
-            .filter(|r| r.spec_digest == digest),
-        Err(_) => None,
+/// Runs one `train` job (the worker's handler): reads and checks the run's record, resumes
+/// from its newest checkpoint, trains to the job's step, commits that checkpoint, and returns
+/// the next segment's job ([`Outcome::Continue`]) unless the run is finished. A job whose
+/// step is already committed (a redelivered or duplicated message) trains nothing; it
+/// publishes the next segment only if nobody has (the `segments/<step>` marker).
+pub async fn run_job(
+    j: &defectforge::job::TrainJob,
+    out: Arc<dyn ObjectStore>,
+    s3: &S3Config,
+    model_cache: &Path,
+    progress: crate::metrics::TrainingGauge,
+) -> Result<crate::protocol::Outcome, crate::protocol::JobError> {
+    use crate::protocol::{JobError, Outcome};
+    let permanent = |cause: String| JobError::Permanent {
+        sample: None,
+        input_uri: None,
+        cause,
     };
-    // the log of committed checkpoints only
-    let mut rows = Vec::new();
-    let mut commits: Vec<(u64, String)> = out
-        .list(&keys::checkpoints(&run_id))
-        .await?
-        .into_iter()
-        .filter_map(|m| keys::parse_commit(&run_id, &m.key))
-        .collect();
-    commits.sort();
-    let mut covered = 0u64;
-    for (step, attempt) in commits {
-        if step <= covered {
-            continue;
-        }
-        if let Ok(b) = out.get(&keys::log_part(&run_id, step, &attempt)).await {
-            if let Ok(r) = defectforge::training::read_log_parquet(b) {
-                rows.extend(r.into_iter().filter(|r| r.step > covered));
-                covered = step;
-            }
-        }
+    let rkey = keys::run_record(&j.run_id);
+    let b = out.get(&rkey).await.map_err(|e| match e {
+        store::StoreError::NotFound { uri } => JobError::Rejected(format!(
+            "training run record {uri} does not exist (`defectforge train submit` writes it before publishing)"
+        )),
+        e => JobError::from_store(e, false),
+    })?;
+    let spec: TrainingSpec = serde_json::from_slice(&b)
+        .map_err(|e| permanent(format!("{}: not a training record: {e}", out.uri(&rkey))))?;
+    if spec.digest() != j.spec_digest || spec.run_id() != j.run_id {
+        return Err(JobError::Rejected(format!(
+            "the job was published for spec {} of run {}, but {} holds spec {} of run {}",
+            j.spec_digest,
+            j.run_id,
+            out.uri(&rkey),
+            spec.digest(),
+            spec.run_id()
+        )));
     }
-    let last_losses = rows
-        .iter()
-        .rev()
-        .take(5)
-        .rev()
-        .map(|r| (r.step, r.loss))
-        .collect();
-    Ok(TrainStatus {
-        run_id: run_id.clone(),
-        steps: spec.training.steps,
-        checkpoint_step: ck.as_ref().map(|(c, _)| c.step),
-        checkpoint_loss: ck.as_ref().map(|(c, _)| c.loss),
-        initial_eval_loss: ck.as_ref().map(|(c, _)| c.initial_eval_loss),
-        eval_loss: ck.as_ref().map(|(c, _)| c.eval_loss),
-        cancelled: matches!(out.head(&keys::cancelled(&run_id)).await, Ok(Some(_))),
-        result,
-        log_rows: rows.len(),
-        last_losses,
+    if out
+        .head(&keys::cancelled(&j.run_id))
+        .await
+        .map_err(|e| JobError::from_store(e, false))?
+        .is_some()
+    {
+        return Ok(Outcome::Skipped {
+            reason: format!("training run {} is cancelled", j.run_id),
+        });
+    }
+    let opts = TrainOptions {
+        model_cache: model_cache.to_path_buf(),
+        staging: model_cache.join("staging"),
+        stop_at: Some(j.until_step),
+        progress: false,
+    };
+    let (spec2, s3c) = (spec.clone(), s3.clone());
+    let rt = tokio::runtime::Handle::current();
+    let run = j.run_id.clone();
+    let outcome = tokio::task::spawn_blocking(move || {
+        run_blocking(&spec2, &s3c, &opts, &rt, |step, loss| {
+            tracing::debug!(step, loss, "training step");
+            if let Ok(mut g) = progress.lock() {
+                g.insert(run.clone(), (step, loss));
+            }
+        })
+    })
+    .await
+    .map_err(|e| permanent(format!("the training thread failed: {e}")))?;
+    let o = match outcome {
+        Ok(o) => o,
+        Err(TrainError::Cancelled) => {
+            return Ok(Outcome::Skipped {
+                reason: format!("training run {} was cancelled", j.run_id),
+            })
+        }
+        Err(TrainError::Store(e)) => return Err(JobError::from_store(e, false)),
+        Err(TrainError::Model(e)) if e.is_transient() => {
+            return Err(JobError::Transient(e.to_string()))
+        }
+        Err(e) => return Err(permanent(e.to_string())),
+    };
+    if o.result.is_some() {
+        return Ok(Outcome::Committed {
+            samples: (o.step - o.resumed_from) as usize,
+        });
+    }
+    let next = spec.training.next_segment_end(o.step.max(j.until_step));
+    let marker = keys::segment_published(&j.run_id, next);
+    let trained = o.step > o.resumed_from;
+    if !trained
+        && out
+            .head(&marker)
+            .await
+            .map_err(|e| JobError::from_store(e, false))?
+            .is_some()
+    {
+        return Ok(Outcome::Skipped {
+            reason: format!(
+                "step {} of {} is committed and its next segment is queued: a duplicate",
+                o.step, j.run_id
+            ),
+        });
+    }
+    out.put(&marker, Bytes::from_static(b"{}"), "application/json")
+        .await
+        .map_err(|e| JobError::from_store(e, false))?;
+    Ok(Outcome::Continue {
+        next: Box::new(defectforge::job::Job::Train(defectforge::job::TrainJob {
+            until_step: next,
+            ..j.clone()
+        })),
     })
 }

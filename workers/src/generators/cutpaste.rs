@@ -33,15 +33,19 @@ pub fn paint(inp: &GenInput<'_>) -> RgbImage {
     };
     for attempt in 0..8 {
         // source offset: the patch comes from elsewhere (wrap-around keeps it inside the image)
-        let (dx, dy) = loop {
+        // (bounded: an image too small for any far offset takes the last draw)
+        let mut draw = (0, 0);
+        for _ in 0..64 {
             let dx = rng.gen_range(0..w);
             let dy = rng.gen_range(0..h);
+            draw = (dx, dy);
             let far =
                 dx.min(w - dx) >= bw.min(w / 4).max(1) || dy.min(h - dy) >= bh.min(h / 4).max(1);
             if far || attempt > 4 {
-                break (dx, dy);
+                break;
             }
-        };
+        }
+        let (dx, dy) = draw;
         let b = 1.0 + rng.gen_range(-j..=j);
         let c = 1.0 + rng.gen_range(-j..=j);
         let s = 1.0 + rng.gen_range(-j..=j);
