@@ -24,6 +24,14 @@ fn fixture_dirs() -> Vec<PathBuf> {
 
 /// The fixture model in `dtype`, its types trainable, the encoder trainable.
 fn load(dir: &Path, dtype: DType) -> (AnomalyModel, Trainable, tempfile::TempDir) {
+    load_with(dir, dtype, true)
+}
+
+fn load_with(
+    dir: &Path,
+    dtype: DType,
+    train_encoder: bool,
+) -> (AnomalyModel, Trainable, tempfile::TempDir) {
     let cfg: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
     let ldm_dir = dir
@@ -53,7 +61,13 @@ fn load(dir: &Path, dtype: DType) -> (AnomalyModel, Trainable, tempfile::TempDir
     let mut model = AnomalyModel::assemble(ldm, spatial, emb, tok, dtype, &dev).unwrap();
     let names = model.defect_types();
     let init = model.embeddings[&names[0]].zeros_like().unwrap();
-    let tr = Trainable::install(&mut model, &names, &init, Some(&enc_file)).unwrap();
+    let tr = Trainable::install(
+        &mut model,
+        &names,
+        &init,
+        train_encoder.then_some(enc_file.as_path()),
+    )
+    .unwrap();
     (model, tr, tmp)
 }
 
@@ -349,5 +363,44 @@ fn new_types_start_from_the_initialiser_word() {
         let two = format!("{word} {word}");
         let err = init_embedding(&model, &two, 4).unwrap_err().to_string();
         assert!(err.contains("exactly one"), "{err}");
+    }
+}
+
+#[test]
+fn a_frozen_encoder_stays_as_it_was_while_the_embeddings_learn() {
+    for dir in fixture_dirs() {
+        let (model, tr, _tmp) = load_with(&dir, DType::F32, false);
+        assert!(tr.encoder.is_empty());
+        let b = batch(&model, DType::F32);
+        let tokens = |m: &AnomalyModel| -> Vec<f32> {
+            m.spatial
+                .forward(&b.masks, BnMode::Batch)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let before = tokens(&model);
+        let e0 = tr.embeddings[&b.names[0]]
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let mut opt = Adam::new(tr.named(), AdamConfig::adam(2e-3)).unwrap();
+        assert!(opt.params().iter().all(|(n, _)| n.starts_with("embedding.")));
+        for _ in 0..2 {
+            let g = loss_of(&model, &b).backward().unwrap();
+            opt.step(&g).unwrap();
+        }
+        assert_eq!(tokens(&model), before, "the frozen encoder changed");
+        let e1 = tr.embeddings[&b.names[0]]
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_ne!(e0, e1, "the embedding did not learn");
     }
 }
