@@ -485,28 +485,27 @@ fn batch_loss(
 /// Most examples the fixed evaluation batch holds.
 const EVAL_EXAMPLES: usize = 16;
 
-/// The loss on a fixed evaluation batch (every example up to [`EVAL_EXAMPLES`], the same
-/// draws at every call, no augmentation, batch-statistics BatchNorm without updating the
-/// running statistics): comparable across checkpoints.
+/// The loss on a fixed evaluation set (every example up to [`EVAL_EXAMPLES`], the same draws
+/// at every call, no augmentation, batch-statistics BatchNorm without updating the running
+/// statistics): comparable across checkpoints. Evaluated in chunks of the training batch, so
+/// it never needs more memory than a training step; the result is the mean over all rows.
 fn eval_loss(
     model: &AnomalyModel,
     pool: &[(usize, usize)],
     samples: &[Vec<LoadedSample>],
     names: &[String],
     seed: u64,
+    batch: usize,
 ) -> Result<f64, TrainError> {
     let picks: Vec<(usize, usize)> = pool.iter().copied().take(EVAL_EXAMPLES).collect();
-    let mut rng = step_rng(seed, u64::MAX, u64::MAX);
-    let (loss, _, _) = batch_loss(
-        model,
-        &picks,
-        samples,
-        names,
-        false,
-        BnMode::Batch,
-        &mut rng,
-    )?;
-    Ok(loss.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+    let mut sum = 0.0;
+    for (i, chunk) in picks.chunks(batch.max(1)).enumerate() {
+        let mut rng = step_rng(seed, u64::MAX, i as u64);
+        let (loss, _, _) =
+            batch_loss(model, chunk, samples, names, false, BnMode::Batch, &mut rng)?;
+        sum += loss.detach().to_dtype(DType::F64)?.to_scalar::<f64>()? * chunk.len() as f64;
+    }
+    Ok(sum / picks.len() as f64)
 }
 
 /// Runs (or resumes, or finds finished) the training run of `spec`. Blocking: call it on a
@@ -631,7 +630,14 @@ pub fn run_blocking(
     }
     let initial_eval_loss = match &ckpt {
         Some((c, _)) => c.initial_eval_loss,
-        None => eval_loss(&model, &pool, &samples, &names, spec.seed)?,
+        None => eval_loss(
+            &model,
+            &pool,
+            &samples,
+            &names,
+            spec.seed,
+            spec.training.batch as usize,
+        )?,
     };
     let mut last_eval = match &ckpt {
         Some((c, _)) => c.eval_loss,
@@ -735,7 +741,14 @@ pub fn run_blocking(
             rt.block_on(out.put(&keys::preview(&run_id, step), png.into(), "image/png"))?;
         }
         if step % t.checkpoint_every == 0 || step == end {
-            last_eval = eval_loss(&model, &pool, &samples, &names, spec.seed)?;
+            last_eval = eval_loss(
+                &model,
+                &pool,
+                &samples,
+                &names,
+                spec.seed,
+                spec.training.batch as usize,
+            )?;
             let state = write_state(&model, &tr, &opt, last_loss, step)?;
             let skey = keys::checkpoint_state(&run_id, step, &attempt);
             let lkey = keys::log_part(&run_id, step, &attempt);

@@ -389,7 +389,10 @@ fn a_frozen_encoder_stays_as_it_was_while_the_embeddings_learn() {
             .to_vec1::<f32>()
             .unwrap();
         let mut opt = Adam::new(tr.named(), AdamConfig::adam(2e-3)).unwrap();
-        assert!(opt.params().iter().all(|(n, _)| n.starts_with("embedding.")));
+        assert!(opt
+            .params()
+            .iter()
+            .all(|(n, _)| n.starts_with("embedding.")));
         for _ in 0..2 {
             let g = loss_of(&model, &b).backward().unwrap();
             opt.step(&g).unwrap();
