@@ -8,7 +8,7 @@
 //! free guidance 5, decode and post-processing; no spatial encoder, no blending).
 //!
 //! `cargo bench -p defectforge-engine --bench ad_sample` (env: STEPS=50,200 BATCH=1 AAR=official
-//! MODE=generate|masks)
+//! MODE=generate|masks DTYPE: bf16 on CUDA, f32 on CPU)
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -26,7 +26,7 @@ use defectforge_engine::Weights;
 
 #[path = "common/mod.rs"]
 mod common;
-use common::{env_or, peak_rss_gib};
+use common::{dtype_from_env, emit, env_or, peak_rss_gib};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     if !std::env::args().any(|a| a == "--bench") {
@@ -40,9 +40,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let batch: usize = env_or("BATCH", "1").parse()?;
     let aar: AarMode = env_or("AAR", "official").parse()?;
     #[cfg(feature = "cuda")]
-    let (dev, dtype) = (Device::new_cuda(0)?, DType::BF16);
+    let (dev, dtype) = (Device::new_cuda(0)?, dtype_from_env(DType::BF16));
     #[cfg(not(feature = "cuda"))]
-    let (dev, dtype) = (Device::Cpu, DType::F32);
+    let (dev, dtype) = (Device::Cpu, dtype_from_env(DType::F32));
 
     let t0 = Instant::now();
     let cfg = LdmConfig::txt2img_large();
@@ -126,6 +126,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 out.accepted.iter().filter(|a| **a).count(),
                 peak_rss_gib()
             );
+            emit(
+                "mask_sample",
+                &dev,
+                dtype,
+                serde_json::json!({"steps": s, "batch": batch, "guidance": opts.guidance,
+                    "seconds": secs, "masks_per_s": batch as f64 / secs}),
+            );
         }
         return Ok(());
     }
@@ -154,6 +161,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             secs / s as f64,
             peak_rss_gib(),
             out.dims()
+        );
+        emit(
+            "ad_sample",
+            &dev,
+            dtype,
+            serde_json::json!({"steps": s, "batch": batch, "aar": aar.as_str(),
+                "seconds": secs, "samples_per_s": batch as f64 / secs}),
         );
     }
     Ok(())

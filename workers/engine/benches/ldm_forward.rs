@@ -4,7 +4,7 @@
 //! PyTorch side (the official CompVis modules) is `torch_ldm.py` beside this file; results go
 //! to docs/benchmarks.md ("Engine part 2").
 //!
-//! `cargo bench -p defectforge-engine --bench ldm_forward` (env: BATCHES=1,8 ITERS=3 PARTS=unet,bert)
+//! `cargo bench -p defectforge-engine --bench ldm_forward` (env: BATCHES=1,8 ITERS=3 PARTS=unet,bert DTYPE=f32|f16|bf16)
 
 use std::time::Instant;
 
@@ -17,15 +17,16 @@ use defectforge_engine::Weights;
 
 #[path = "common/mod.rs"]
 mod common;
-use common::{cpu_seconds, env_or, peak_rss_gib};
+use common::{cpu_seconds, dtype_from_env, emit, env_or, peak_rss_gib};
 
 /// Runs `f` once to warm up, then `iters` times; prints mean/min wall, CPU-s and peak RSS.
 fn time<F: FnMut() -> candle_core::Result<Tensor>>(
-    label: &str,
+    (part, batch): (&str, usize),
     iters: usize,
-    dev: &Device,
+    (dev, dtype): (&Device, DType),
     mut f: F,
 ) -> candle_core::Result<()> {
+    let label = format!("{part} batch {batch}");
     drop(f()?);
     dev.synchronize()?;
     let cpu0 = cpu_seconds();
@@ -43,6 +44,13 @@ fn time<F: FnMut() -> candle_core::Result<Tensor>>(
     println!(
         "candle {label}: mean {mean:.3} s min {min:.3} s over {iters} iters, {cpu:.2} CPU-s/forward; peak RSS {:.2} GiB",
         peak_rss_gib()
+    );
+    emit(
+        "ldm_forward",
+        dev,
+        dtype,
+        serde_json::json!({"model": format!("ldm-256 {part}"), "batch": batch, "iters": iters,
+            "mean_s": mean, "min_s": min, "cpu_s": cpu}),
     );
     Ok(())
 }
@@ -62,7 +70,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dev = Device::new_cuda(0)?;
     #[cfg(not(feature = "cuda"))]
     let dev = Device::Cpu;
-    let dtype = DType::F32;
+    let dtype = dtype_from_env(DType::F32);
     let cfg = LdmConfig::txt2img_large();
     let mut noise = SeededNoise::new(1);
     let ctx_dim = cfg.bert.n_embed;
@@ -83,7 +91,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let x = noise.randn(&(b, 4, 32, 32).into(), dtype, &dev)?;
             let ctx = noise.randn(&(b, 77, ctx_dim).into(), dtype, &dev)?;
             let t = Tensor::full(500f32, b, &dev)?;
-            time(&format!("unet batch {b}"), iters, &dev, || {
+            time(("unet", b), iters, (&dev, dtype), || {
                 unet.forward(&x, &t, &ctx, None)
             })?;
         }
@@ -103,9 +111,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         for &b in &batches {
             let ids: Vec<u32> = (0..b * 77).map(|i| (i * 7919 % 30000) as u32).collect();
             let ids = Tensor::from_vec(ids, (b, 77), &dev)?;
-            time(&format!("bert batch {b}"), iters, &dev, || {
-                bert.forward(&ids)
-            })?;
+            time(("bert", b), iters, (&dev, dtype), || bert.forward(&ids))?;
         }
     }
     Ok(())

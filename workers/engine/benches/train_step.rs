@@ -5,7 +5,7 @@
 //! docs/benchmarks.md ("Training").
 //!
 //! `cargo bench -p defectforge-engine --bench train_step` (env: BATCH=1,4 STEPS=2
-//! SKIP_FROZEN=1|0 ENCODER=train|frozen). `SKIP_FROZEN=0` lets candle compute and store the
+//! SKIP_FROZEN=1|0 ENCODER=train|frozen DTYPE=f32|bf16, default f32). `SKIP_FROZEN=0` lets candle compute and store the
 //! frozen weights' gradients too (what its stock ops do), to measure what skipping them saves.
 
 use std::collections::BTreeMap;
@@ -25,7 +25,7 @@ use defectforge_engine::{NoiseSource, Weights};
 
 #[path = "common/mod.rs"]
 mod common;
-use common::{cpu_seconds, env_or, peak_rss_gib};
+use common::{cpu_seconds, dtype_from_env, emit, env_or, peak_rss_gib};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     if !std::env::args().any(|a| a == "--bench") {
@@ -41,9 +41,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let train_encoder = env_or("ENCODER", "train") == "train";
     set_skip_frozen_grads(skip);
     #[cfg(feature = "cuda")]
-    let (dev, dtype) = (Device::new_cuda(0)?, DType::F32);
+    let (dev, dtype) = (Device::new_cuda(0)?, dtype_from_env(DType::F32));
     #[cfg(not(feature = "cuda"))]
-    let (dev, dtype) = (Device::Cpu, DType::F32);
+    let (dev, dtype) = (Device::Cpu, dtype_from_env(DType::F32));
 
     let t0 = Instant::now();
     let cfg = LdmConfig::txt2img_large();
@@ -146,12 +146,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             drop(grads);
             dev.synchronize()?;
             let secs = w0.elapsed().as_secs_f64();
+            let loss = out.loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+            emit(
+                "train_step",
+                &dev,
+                dtype,
+                serde_json::json!({"step": s, "batch": batch, "seconds": secs, "forward_s": fwd,
+                    "backward_s": bwd, "images_per_s": batch as f64 / secs,
+                    "encoder": if train_encoder { "train" } else { "frozen" }, "loss": loss}),
+            );
             println!(
                 "candle train step {s} batch {batch}: {secs:.1} s (forward {fwd:.1}, backward {bwd:.1}, Adam {:.1}), CPU {:.1} s, peak RSS {:.2} GiB, loss {:.5}",
                 secs - fwd - bwd,
                 cpu_seconds() - c0,
                 peak_rss_gib(),
-                out.loss.to_scalar::<f32>()?
+                loss
             );
         }
     }

@@ -15,7 +15,7 @@ use defectforge_engine::Weights;
 
 #[path = "common/mod.rs"]
 mod common;
-use common::{cpu_seconds, env_or, peak_rss_gib};
+use common::{cpu_seconds, dtype_from_env, emit, env_or, peak_rss_gib};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // `cargo bench` passes `--bench`; `cargo test --all-targets` runs this binary without it,
@@ -31,11 +31,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let iters: usize = env_or("ITERS", "3").parse()?;
     let latent: usize = env_or("LATENT", "32").parse()?;
     let profile = env_or("PROFILE", "1") == "1";
-    let dtype = match env_or("DTYPE", "f32").as_str() {
-        "f16" => DType::F16,
-        "bf16" => DType::BF16,
-        _ => DType::F32,
-    };
+    let dtype = dtype_from_env(DType::F32);
     #[cfg(feature = "cuda")]
     let dev = Device::new_cuda(0)?;
     #[cfg(not(feature = "cuda"))]
@@ -76,6 +72,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!(
             "candle batch {b} latent {latent}: mean {mean:.2} s min {min:.2} s over {iters} iters, {cpu:.2} CPU-s/forward; peak RSS {:.2} GiB",
             peak_rss_gib()
+        );
+        emit(
+            "unet_forward",
+            &dev,
+            dtype,
+            serde_json::json!({"model": "sd-1.5", "batch": b, "latent": latent, "iters": iters,
+                "mean_s": mean, "min_s": min, "cpu_s": cpu}),
         );
         if profile && matches!(dev, Device::Cpu) {
             let (_, prof) = unet.forward_profiled(&x, &t, &ctx)?;

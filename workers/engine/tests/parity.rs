@@ -280,6 +280,30 @@ fn reference_files(dir: &Path) -> Vec<PathBuf> {
 
 type Results = BTreeMap<(String, String), Outcome>;
 
+/// The device the harness runs the engine on: `DEFECTFORGE_PARITY_DEVICE` = `cpu` (default) or
+/// `cuda` / `cuda:N` (a `--features cuda` build; scripts/gpu-check.sh runs it so). References
+/// are loaded onto it, so every input is where the models are; comparisons copy back to f64 on
+/// the host. The tolerances are the same on every device.
+fn target_device() -> Device {
+    let spec = std::env::var("DEFECTFORGE_PARITY_DEVICE").unwrap_or_else(|_| "cpu".into());
+    let ordinal = match spec.as_str() {
+        "cpu" => return Device::Cpu,
+        "cuda" => 0,
+        s => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| {
+                panic!("DEFECTFORGE_PARITY_DEVICE={s}: expected cpu, cuda or cuda:N")
+            }),
+    };
+    Device::new_cuda(ordinal).unwrap_or_else(|e| {
+        panic!(
+            "DEFECTFORGE_PARITY_DEVICE={spec}: no CUDA device {ordinal} ({e}); a CUDA run needs \
+             the `cuda` feature and a GPU with its driver"
+        )
+    })
+}
+
 #[test]
 fn parity_all_fixtures() {
     let Some(root) = fixtures_root() else { return };
@@ -446,7 +470,7 @@ fn check_tiny_sd(dir: &Path) -> Result<Results, Box<dyn std::error::Error>> {
     const FILE: &str = "reference.safetensors";
     // The step tests are specified with 10 inference steps set (tiny-sd README).
     const STEP_TEST_STEPS: usize = 10;
-    let dev = Device::Cpu;
+    let dev = target_device();
     let r: HashMap<String, Tensor> = candle_core::safetensors::load(dir.join(FILE), &dev)?;
     let get = |n: &str| -> Result<&Tensor, String> {
         r.get(n).ok_or_else(|| format!("{FILE} has no {n}"))
@@ -615,6 +639,7 @@ fn check_tiny_sd(dir: &Path) -> Result<Results, Box<dyn std::error::Error>> {
 /// Reads a reference file that may hold BOOL, U8, I64, F64 and rank-0 tensors (candle's
 /// `safetensors::load` rejects BOOL; views are read through the safetensors crate).
 fn load_reference(path: &Path) -> Result<HashMap<String, Tensor>, Box<dyn std::error::Error>> {
+    let dev = target_device();
     let bytes = std::fs::read(path)?;
     let st = safetensors::SafeTensors::deserialize(&bytes)?;
     let mut out = HashMap::new();
@@ -648,7 +673,7 @@ fn load_reference(path: &Path) -> Result<HashMap<String, Tensor>, Box<dyn std::e
             }
             other => return Err(format!("{name}: unsupported dtype {other:?}").into()),
         };
-        out.insert(name.to_string(), t);
+        out.insert(name.to_string(), t.to_device(&dev)?);
     }
     Ok(out)
 }
@@ -659,7 +684,7 @@ const LDM_DDIM_ETA: f64 = 1.0;
 /// Checks a `tiny-ldm*` directory (CompVis checkpoint layout, see its README).
 fn check_tiny_ldm(dir: &Path) -> Result<Results, Box<dyn std::error::Error>> {
     const FILE: &str = "reference.safetensors";
-    let dev = Device::Cpu;
+    let dev = target_device();
     let r = load_reference(&dir.join(FILE))?;
     let get = |n: &str| -> Result<&Tensor, String> {
         r.get(n).ok_or_else(|| format!("{FILE} has no {n}"))
@@ -894,7 +919,7 @@ fn positions_of(t: &Tensor) -> Result<Vec<(f32, f32)>, Box<dyn std::error::Error
 /// Checks an `anomalydiffusion-tiny*` directory (official AnomalyDiffusion paths on the tiny LDM
 /// named by its config's `ldm_folder`, see its README).
 fn check_anomalydiffusion(dir: &Path) -> Result<Results, Box<dyn std::error::Error>> {
-    let dev = Device::Cpu;
+    let dev = target_device();
     let cfg: serde_json::Value = read_json(&dir.join("config.json"))?;
     let ldm_dir = dir.parent().ok_or("fixture dir has no parent")?.join(
         cfg["ldm_folder"]
@@ -1510,4 +1535,350 @@ fn check_anomalydiffusion(dir: &Path) -> Result<Results, Box<dyn std::error::Err
         }
     }
     Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Half precision: the models in f16/bf16 against the same float32 references.
+
+/// The working dtype of the half-precision check: `DEFECTFORGE_PARITY_DTYPE` = `f16` (default:
+/// what a CPU runs) or `bf16` (what the GPU workers run; CPU candle has no bf16 matmul).
+fn half_dtype() -> DType {
+    match std::env::var("DEFECTFORGE_PARITY_DTYPE").as_deref() {
+        Err(_) | Ok("f16") => DType::F16,
+        Ok("bf16") => DType::BF16,
+        Ok(o) => panic!("DEFECTFORGE_PARITY_DTYPE={o}: expected f16 or bf16"),
+    }
+}
+
+/// The unit roundoff of a storage dtype: 2^-(mantissa bits + 1).
+fn unit_roundoff(dt: DType) -> f64 {
+    match dt {
+        DType::F16 => 2f64.powi(-11),
+        DType::BF16 => 2f64.powi(-8),
+        DType::F32 => 2f64.powi(-24),
+        _ => f64::NAN,
+    }
+}
+
+/// Half-precision tolerance: |got − ref| ≤ HALF_K · u · max|ref| for every element, u the
+/// dtype's unit roundoff. Why this form: weights and activations are rounded to u at every
+/// layer while GEMMs accumulate in f32 (cuBLAS' bf16 GEMM and candle's CPU f16 GEMM both do),
+/// so the error of each output is a small multiple of u times the output's scale — and a wrong
+/// path (a dropped cast, a softmax or norm computed in half, a wrong op) is off by far more.
+/// Why 64: measured on the CPU in f16 (`cargo test -p defectforge-engine --test parity
+/// parity_half_precision -- --nocapture`, both variants of each fixture): single forwards
+/// 1.9–13.4 u·max|ref| (CLIP, BERT, the UNets), the VAE decoders 8.2–26.9 (the largest: tiny-ldm-c,
+/// whose decoder amplifies), the 10-step loops 3.7–16.4 (tiny-sd DDIM, AnomalyDiffusion with
+/// re-weighting) and the guided mask loop 9.7–10.2 (the loops keep their state in f32, so the
+/// error does not grow with the step count). 64 is 2.4× the largest. The same bound in u
+/// holds for bf16 as long as the error is first-order in the rounding, which is what the
+/// GPU check measures (`DEFECTFORGE_PARITY_DTYPE=bf16 DEFECTFORGE_PARITY_DEVICE=cuda`).
+const HALF_K: f64 = 64.0;
+
+struct HalfResult {
+    name: String,
+    max_abs: f64,
+    scale: f64,
+}
+
+fn half_compare(
+    out: &mut Vec<HalfResult>,
+    name: &str,
+    got: &Tensor,
+    want: &Tensor,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let g = got.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    let w = want.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    if g.len() != w.len() {
+        return Err(format!("{name}: {} elements, the reference {}", g.len(), w.len()).into());
+    }
+    let max_abs = g
+        .iter()
+        .zip(&w)
+        .map(|(a, b)| {
+            if a.is_finite() {
+                (a - b).abs()
+            } else {
+                f64::INFINITY
+            }
+        })
+        .fold(0.0, f64::max);
+    let scale = w.iter().map(|v| v.abs()).fold(0.0, f64::max);
+    out.push(HalfResult {
+        name: name.to_string(),
+        max_abs,
+        scale,
+    });
+    Ok(())
+}
+
+/// tiny-sd in half precision: CLIP, VAE decode, UNet, and the 10-step DDIM loop.
+fn half_tiny_sd(
+    dir: &Path,
+    dt: DType,
+    out: &mut Vec<HalfResult>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let dev = target_device();
+    let r: HashMap<String, Tensor> =
+        candle_core::safetensors::load(dir.join("reference.safetensors"), &dev)?;
+    let get = |n: &str| {
+        r.get(n)
+            .ok_or_else(|| format!("reference.safetensors has no {n}"))
+    };
+    let h = |n: &str| -> Result<Tensor, Box<dyn std::error::Error>> { Ok(get(n)?.to_dtype(dt)?) };
+    let clip = ClipTextModel::load(&dir.join("text_encoder"), dt, &dev)?;
+    let hidden = clip.forward(get("clip_input_ids")?)?;
+    half_compare(
+        out,
+        "tiny-sd clip_last_hidden_state",
+        &hidden,
+        get("clip_last_hidden_state")?,
+    )?;
+    let vae = AutoencoderKL::load(&dir.join("vae"), dt, &dev)?;
+    let img = vae.decode(&h("vae_decode_latent")?)?;
+    half_compare(
+        out,
+        "tiny-sd vae_decode_image",
+        &img,
+        get("vae_decode_image")?,
+    )?;
+    let unet = UNet2DConditionModel::load(&dir.join("unet"), dt, &dev)?;
+    let (lat, ehs) = (h("unet_latents")?, h("unet_encoder_hidden_states")?);
+    let o = unet.forward_t(&lat, 500.0, &ehs, None)?;
+    half_compare(out, "tiny-sd unet_out_t500", &o, get("unet_out_t500")?)?;
+    let sched_cfg: DdimConfig = read_json(&dir.join("scheduler/scheduler_config.json"))?;
+    let steps = get("ddim_loop_noise_preds")?.dim(0)?;
+    let sched = DdimScheduler::new(sched_cfg, steps, 0.0)?;
+    let ctx = h("ddim_loop_encoder_hidden_states")?;
+    let mut x = (h("ddim_loop_init_noise")? * sched.init_noise_sigma())?;
+    let mut noise = ReplayNoise::default();
+    for &t in sched.timesteps() {
+        let e = unet.forward_t(&x, t as f64, &ctx, None)?;
+        x = sched.step(&e, t, &x, &mut noise)?.prev_sample;
+    }
+    half_compare(
+        out,
+        "tiny-sd ddim_loop_final_latent",
+        &x,
+        get("ddim_loop_final_latent")?,
+    )?;
+    Ok(())
+}
+
+/// tiny-ldm in half precision: BERT, UNet, VAE decode.
+fn half_tiny_ldm(
+    dir: &Path,
+    dt: DType,
+    out: &mut Vec<HalfResult>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let r = load_reference(&dir.join("reference.safetensors"))?;
+    let get = |n: &str| {
+        r.get(n)
+            .ok_or_else(|| format!("reference.safetensors has no {n}"))
+    };
+    let h = |n: &str| -> Result<Tensor, Box<dyn std::error::Error>> { Ok(get(n)?.to_dtype(dt)?) };
+    let model = LdmModel::load(
+        &dir.join("config.json"),
+        &dir.join("model.ckpt"),
+        dt,
+        &target_device(),
+    )?;
+    let bert = model.encode_text(get("bert.token_ids")?)?;
+    half_compare(out, "tiny-ldm bert.output", &bert, get("bert.output")?)?;
+    let eps = model
+        .unet
+        .forward(&h("unet.x")?, get("unet.t_a")?, &h("unet.context")?, None)?;
+    half_compare(out, "tiny-ldm unet.eps_a", &eps, get("unet.eps_a")?)?;
+    let dec = model.decode_first_stage(&h("vae.z")?)?;
+    half_compare(out, "tiny-ldm vae.decoded", &dec, get("vae.decoded")?)?;
+    Ok(())
+}
+
+/// anomalydiffusion-tiny in half precision: the whole generation loop with attention
+/// re-weighting (spatial encoder, splice, BERT, blended DDIM) from the recorded noise.
+fn half_anomalydiffusion(
+    dir: &Path,
+    dt: DType,
+    out: &mut Vec<HalfResult>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let dev = target_device();
+    let cfg: serde_json::Value = read_json(&dir.join("config.json"))?;
+    let ldm_dir = dir
+        .parent()
+        .ok_or("fixture dir has no parent")?
+        .join(cfg["ldm_folder"].as_str().ok_or("no ldm_folder")?);
+    let model = LdmModel::load(
+        &ldm_dir.join("config.json"),
+        &ldm_dir.join("model.ckpt"),
+        dt,
+        &dev,
+    )?;
+    let types: Vec<String> = cfg["defect_types"]
+        .as_array()
+        .ok_or("no defect_types")?
+        .iter()
+        .map(|v| v.as_str().unwrap_or_default().to_string())
+        .collect();
+    let placeholder = cfg["fixture_vocabulary"]["*"].as_u64().ok_or("no '*'")? as u32;
+    let emb = read_embeddings_pt(&dir.join("embeddings.pt"))?;
+    let se_cfg: SpatialEncoderConfig = serde_json::from_value(cfg["spatial_encoder"].clone())?;
+    let spatial = SpatialEncoder::load(&dir.join("spatial_encoder.pt"), Some(&se_cfg), dt, &dev)?;
+    let r = load_reference(&dir.join("ref_generation.safetensors"))?;
+    let get = |n: &str| r.get(n).ok_or_else(|| format!("ref_generation has no {n}"));
+    let normal = image_u8_to_input(get("input.normal_image_u8")?, dt)?;
+    let mask = masks_from_u8(get("input.mask_u8")?, &dev)?.to_dtype(dt)?;
+    let ids = get("input.token_ids")?;
+    let idx: Vec<i64> = get("input.type_index")?.to_dtype(DType::I64)?.to_vec1()?;
+    let ea = idx
+        .iter()
+        .map(|&i| {
+            emb.params
+                .get(&types[i as usize])
+                .ok_or_else(|| format!("embeddings.pt has no {}", types[i as usize]))
+                .and_then(|t| {
+                    t.to_device(&dev)
+                        .and_then(|t| t.to_dtype(dt))
+                        .map_err(|e| e.to_string())
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let es = spatial.forward(&mask, BnMode::Batch)?;
+    let inserts = Tensor::cat(&[&Tensor::stack(&ea, 0)?, &es], 1)?;
+    let sp = splice(ids, &model.bert.embed_tokens(ids)?, placeholder, &inserts)?;
+    let ctx = model.bert.forward_embeds(&sp.embeds)?;
+    half_compare(out, "anomalydiffusion-tiny context", &ctx, get("context")?)?;
+    let steps = cfg["generation"]["ddim_steps"]
+        .as_u64()
+        .ok_or("no ddim_steps")? as usize;
+    let opts = SamplerOptions {
+        steps,
+        eta: cfg["generation"]["eta"].as_f64().unwrap_or(1.0),
+        aar: AarMode::Official,
+    };
+    let mut noise = ReplayNoise::from_stacked(get("noise")?)?;
+    let s = sample(
+        &model,
+        &normal,
+        &mask,
+        &ctx,
+        &sp.positions,
+        &opts,
+        &mut noise,
+        false,
+    )?;
+    half_compare(
+        out,
+        "anomalydiffusion-tiny aar_on.final_latent",
+        &s.latent,
+        get("aar_on.final_latent")?,
+    )?;
+
+    // The guided mask loop (classifier-free guidance 5) from its recorded noise.
+    let r = load_reference(&dir.join("ref_maskgen.safetensors"))?;
+    let get = |n: &str| r.get(n).ok_or_else(|| format!("ref_maskgen has no {n}"));
+    let mg = &cfg["mask_generation"];
+    let opts = MaskSamplerOptions {
+        steps: mg["ddim_steps"].as_u64().ok_or("no ddim_steps")? as usize,
+        eta: mg["eta"].as_f64().ok_or("no eta")?,
+        guidance: mg["cfg_scale"].as_f64().ok_or("no cfg_scale")?,
+        threshold: mg["threshold"].as_f64().ok_or("no threshold")? as f32,
+    };
+    let me = read_embeddings_pt(&dir.join("mask_embeddings.pt"))?;
+    let e_m = me
+        .params
+        .get("*")
+        .ok_or("mask_embeddings.pt has no '*'")?
+        .to_device(&dev)?
+        .to_dtype(dt)?;
+    let ids = get("input.token_ids")?;
+    let b = ids.dim(0)?;
+    let sp = splice(
+        ids,
+        &model.bert.embed_tokens(ids)?,
+        placeholder,
+        &e_m.unsqueeze(0)?.repeat((b, 1, 1))?,
+    )?;
+    let c = model.bert.forward_embeds(&sp.embeds)?;
+    let words = cfg["fixture_vocabulary"]
+        .as_object()
+        .ok_or("no fixture_vocabulary")?;
+    let tmp = tempfile::tempdir()?;
+    let vocab = tmp.path().join("vocab.txt");
+    common::write_fixture_vocab(words, model.bert.config().vocab_size, &vocab);
+    let tok = WordPieceTokenizer::from_vocab(&vocab, ids.dim(1)?)?;
+    let uc_ids = Tensor::from_vec(tok.encode("")?.repeat(b), (b, ids.dim(1)?), &dev)?;
+    let uc = model.encode_text(&uc_ids)?;
+    let mut noise = ReplayNoise::from_stacked(get("noise")?)?;
+    noise.randn(get("final_latent")?.shape(), DType::F32, &dev)?; // draw 0: unused
+    let s = sample_guided(&model, &c, &uc, &opts, &mut noise, false)?;
+    half_compare(
+        out,
+        "anomalydiffusion-tiny maskgen final_latent",
+        &s.latent,
+        get("final_latent")?,
+    )?;
+    Ok(())
+}
+
+/// Runs the half-precision checks on one fixture directory of each kind under `root`.
+fn run_half(root: &Path, dt: DType) -> Vec<String> {
+    let u = unit_roundoff(dt);
+    let mut results = Vec::new();
+    let mut failures = Vec::new();
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(root)
+        .unwrap_or_else(|e| panic!("{}: {e}", root.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    dirs.sort();
+    for dir in &dirs {
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        let run = if name.starts_with("anomalydiffusion-tiny") {
+            half_anomalydiffusion(dir, dt, &mut results)
+        } else if name.starts_with("tiny-ldm") {
+            half_tiny_ldm(dir, dt, &mut results)
+        } else if name.starts_with("tiny-sd") {
+            half_tiny_sd(dir, dt, &mut results)
+        } else {
+            continue;
+        };
+        if let Err(e) = run {
+            failures.push(format!("{name} in {dt:?}: checks failed to run: {e}"));
+        }
+    }
+    for r in &results {
+        let ratio = r.max_abs / (u * r.scale);
+        let pass = r.max_abs <= HALF_K * u * r.scale;
+        println!(
+            "half {dt:?} {}: max |err| {:.3e}, max |ref| {:.3e}, {ratio:.1} u·max|ref| (bound {HALF_K}) {}",
+            r.name,
+            r.max_abs,
+            r.scale,
+            if pass { "ok" } else { "FAIL" }
+        );
+        if !pass {
+            failures.push(format!(
+                "{} in {dt:?}: {ratio:.1} u·max|ref| > {HALF_K}",
+                r.name
+            ));
+        }
+    }
+    if results.is_empty() && failures.is_empty() {
+        failures.push(format!(
+            "no half-precision check ran under {}",
+            root.display()
+        ));
+    }
+    failures
+}
+
+#[test]
+fn parity_half_precision() {
+    let Some(root) = fixtures_root() else { return };
+    let failures = run_half(&root, half_dtype());
+    assert!(
+        failures.is_empty(),
+        "half-precision parity failures:\n{}",
+        failures.join("\n")
+    );
 }

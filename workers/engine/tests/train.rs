@@ -1,6 +1,7 @@
 //! The training graph on the fixtures' tiny model: float64 finite differences of the whole
 //! masked loss (spatial encoder → splice → 32-layer BERT → UNet) against candle's backward,
-//! frozen weights without stored gradients, and a few Adam steps that lower the loss.
+//! frozen weights without stored gradients, and a few Adam steps that lower the loss; the
+//! mask model's plain loss likewise, with AdamW's per-type isolation.
 //! Uses `anomalydiffusion-tiny*` under `DEFECTFORGE_FIXTURES` (skips without fixtures).
 
 use std::path::{Path, PathBuf};
@@ -14,7 +15,9 @@ use defectforge_engine::spatial::{BnMode, SpatialEncoder, SpatialEncoderConfig};
 use defectforge_engine::tokenizer::WordPieceTokenizer;
 use defectforge_engine::train::adam::{Adam, AdamConfig};
 use defectforge_engine::train::frozen::set_skip_frozen_grads;
-use defectforge_engine::train::{init_embedding, masked_training_loss, LossBatch, Trainable};
+use defectforge_engine::train::{
+    init_embedding, mask_training_loss, masked_training_loss, LossBatch, MaskLossBatch, Trainable,
+};
 
 mod common;
 
@@ -150,10 +153,9 @@ fn scalar(t: &Tensor) -> f64 {
     t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
 }
 
-/// Σ ⟨g, u⟩ over `params` and the central difference of the loss along `u`.
+/// Σ ⟨g, u⟩ over `params` and the central difference of `loss` along `u`.
 fn directional(
-    model: &AnomalyModel,
-    b: &Batch,
+    loss: &dyn Fn() -> Tensor,
     params: &[(String, Var)],
     grads: &GradStore,
     h: f64,
@@ -191,9 +193,9 @@ fn directional(
         }
     };
     shift(h);
-    let plus = scalar(&loss_of(model, b));
+    let plus = scalar(&loss());
     shift(-h);
-    let minus = scalar(&loss_of(model, b));
+    let minus = scalar(&loss());
     shift(0.0);
     (analytic, (plus - minus) / (2.0 * h))
 }
@@ -222,7 +224,7 @@ fn the_whole_graph_matches_float64_finite_differences() {
         let absent = &model.defect_types()[2];
         assert!(grads.get(tr.embeddings[absent].as_tensor()).is_none());
         for (what, params) in [("embeddings", &emb), ("spatial encoder", &tr.encoder)] {
-            let (a, fd) = directional(&model, &b, params, &grads, 1e-5, 7);
+            let (a, fd) = directional(&|| loss_of(&model, &b), params, &grads, 1e-5, 7);
             let rel = (a - fd).abs() / a.abs().max(fd.abs());
             println!(
                 "{}: {what}: analytic {a:.9e}, finite difference {fd:.9e}, rel {rel:.2e}",
@@ -405,5 +407,112 @@ fn a_frozen_encoder_stays_as_it_was_while_the_embeddings_learn() {
             .to_vec1::<f32>()
             .unwrap();
         assert_ne!(e0, e1, "the embedding did not learn");
+    }
+}
+
+/// The fixture model with every type's mask embedding trainable, new from the first lowercase
+/// word of the fixture's vocabulary (the official init word "crack" is not in it), 16 vectors.
+fn load_masks(dir: &Path, dtype: DType) -> (AnomalyModel, Trainable, tempfile::TempDir) {
+    let (mut model, _, tmp) = load_with(dir, dtype, false);
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    let word = cfg["fixture_vocabulary"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .find(|w| w.chars().all(|c| c.is_ascii_lowercase()) && w.len() > 3)
+        .unwrap()
+        .clone();
+    let init = init_embedding(&model, &word, 16).unwrap();
+    let names = model.defect_types();
+    let tr = Trainable::install_masks(&mut model, &names, &init).unwrap();
+    (model, tr, tmp)
+}
+
+fn mask_loss_of(model: &AnomalyModel, b: &Batch) -> Tensor {
+    mask_training_loss(
+        model,
+        &MaskLossBatch {
+            latents: &b.z,
+            prompts: &b.prompts,
+            names: &b.names,
+            timesteps: &b.t,
+            noise: &b.eps,
+        },
+    )
+    .unwrap()
+    .loss
+}
+
+#[test]
+fn the_mask_loss_matches_float64_finite_differences() {
+    for dir in fixture_dirs() {
+        let (model, tr, _tmp) = load_masks(&dir, DType::F64);
+        let b = batch(&model, DType::F64);
+        let grads = mask_loss_of(&model, &b).backward().unwrap();
+        let absent = &model.defect_types()[2];
+        assert!(
+            grads.get(tr.embeddings[absent].as_tensor()).is_none(),
+            "a type outside the batch has no gradient"
+        );
+        // the anomaly embeddings are not on this graph at all
+        for t in model.embeddings.values() {
+            assert!(grads.get(t).is_none());
+        }
+        let params: Vec<(String, Var)> = tr.named();
+        let (a, fd) = directional(&|| mask_loss_of(&model, &b), &params, &grads, 1e-5, 11);
+        let rel = (a - fd).abs() / a.abs().max(fd.abs());
+        println!(
+            "{}: mask embeddings: analytic {a:.9e}, finite difference {fd:.9e}, rel {rel:.2e}",
+            dir.display()
+        );
+        assert!(a.abs() > 1e-9, "a vanishing gradient proves nothing");
+        assert!(rel < 1e-5, "analytic {a} vs finite difference {fd}");
+    }
+}
+
+#[test]
+fn adamw_on_mask_embeddings_learns_and_leaves_absent_types_untouched_weight_decay_included() {
+    for dir in fixture_dirs() {
+        let (model, tr, _tmp) = load_masks(&dir, DType::F32);
+        let b = batch(&model, DType::F32);
+        let absent = model.defect_types()[2].clone();
+        let values = |n: &str| -> Vec<f32> {
+            tr.embeddings[n]
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let before_absent = values(&absent);
+        let before_present = values(&b.names[0]);
+        // the official mask optimizer: AdamW, lr 0.02 (5e-3 × batch 4), weight decay 0.01
+        let mut opt = Adam::new(tr.named(), AdamConfig::adamw(0.02, 0.01)).unwrap();
+        let first = scalar(&mask_loss_of(&model, &b));
+        for _ in 0..4 {
+            let grads = mask_loss_of(&model, &b).backward().unwrap();
+            let updated = opt.step(&grads).unwrap();
+            assert!(!updated.contains(&format!("embedding.{absent}")));
+        }
+        let end = scalar(&mask_loss_of(&model, &b));
+        println!("{}: mask loss {first:.6} → {end:.6}", dir.display());
+        assert!(
+            end < first,
+            "4 AdamW steps on one batch must lower its loss"
+        );
+        assert_eq!(
+            values(&absent),
+            before_absent,
+            "weight decay touched an absent type"
+        );
+        assert!(opt.state(&format!("embedding.{absent}")).is_none());
+        assert_ne!(values(&b.names[0]), before_present);
+        assert_eq!(
+            opt.state(&format!("embedding.{}", b.names[0]))
+                .unwrap()
+                .step,
+            4
+        );
     }
 }

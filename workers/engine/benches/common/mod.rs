@@ -30,3 +30,36 @@ pub fn cpu_seconds() -> f64 {
     // Fields 14 and 15 (utime, stime) are at 11 and 12 after the ")".
     (ticks(11) + ticks(12)) / 100.0
 }
+
+/// One machine-readable result line, `BENCH_JSON {…}` on stdout, beside the human one:
+/// scripts/gpu-check.sh collects these into its results file. `fields` are the measurement's
+/// parameters and numbers; the device and dtype describe where it ran.
+pub fn emit(
+    bench: &str,
+    device: &candle_core::Device,
+    dtype: candle_core::DType,
+    fields: serde_json::Value,
+) {
+    let mut v = serde_json::json!({
+        "bench": bench,
+        "device": format!("{device:?}"),
+        "dtype": format!("{dtype:?}").to_lowercase(),
+        "threads": candle_core::utils::get_num_threads(),
+        "peak_rss_gib": peak_rss_gib(),
+    });
+    if let (Some(o), serde_json::Value::Object(f)) = (v.as_object_mut(), fields) {
+        o.extend(f);
+    }
+    println!("BENCH_JSON {v}");
+}
+
+/// The dtype named by `DTYPE` (f32, f16, bf16), or `default`.
+pub fn dtype_from_env(default: candle_core::DType) -> candle_core::DType {
+    match std::env::var("DTYPE").as_deref() {
+        Ok("f32") => candle_core::DType::F32,
+        Ok("f16") => candle_core::DType::F16,
+        Ok("bf16") => candle_core::DType::BF16,
+        Ok(other) => panic!("DTYPE={other}: expected f32, f16 or bf16"),
+        Err(_) => default,
+    }
+}

@@ -89,13 +89,20 @@ pub fn sample_guided(
     let shape = (b, cfg.latent_channels, cfg.latent_size, cfg.latent_size);
     let dtype = model.dtype();
     let dev = model.device();
-    let mut x = noise.randn(&shape.into(), dtype, dev)?;
+    // The loop state, the guidance and the DDIM step in float32 whatever the model's dtype:
+    // the guidance multiplies the UNet's rounding by |1−s| + |s| (9 at s = 5), and 100 steps
+    // of half-precision updates would accumulate theirs. Only the UNet runs in `dtype`.
+    let mut x = noise.randn(&shape.into(), DType::F32, dev)?;
     let ctx = Tensor::cat(&[uncond, cond], 0)?.to_dtype(dtype)?;
     let mut steps = Vec::new();
     for (index, t) in ddim.sampling_order() {
-        let x_in = Tensor::cat(&[&x, &x], 0)?;
+        let xh = x.to_dtype(dtype)?;
+        let x_in = Tensor::cat(&[&xh, &xh], 0)?;
         let t_in = Tensor::from_vec(vec![t as f32; 2 * b], 2 * b, dev)?;
-        let e = model.unet.forward(&x_in, &t_in, &ctx, None)?;
+        let e = model
+            .unet
+            .forward(&x_in, &t_in, &ctx, None)?
+            .to_dtype(DType::F32)?;
         let e_u = e.narrow(0, 0, b)?;
         let e_c = e.narrow(0, b, b)?;
         let guided = (&e_u + ((&e_c - &e_u)? * opts.guidance)?)?;
@@ -110,6 +117,7 @@ pub fn sample_guided(
             });
         }
     }
+    let x = x.to_dtype(dtype)?;
     Ok(GuidedOutput { latent: x, steps })
 }
 

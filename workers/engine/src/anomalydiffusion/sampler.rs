@@ -140,8 +140,15 @@ fn sum_hw(t: &Tensor) -> Result<Tensor> {
 }
 
 /// Both official variants' inverse distance: d = mean_c((M·(x − x0))²) with d = 0 → −1,
-/// inv = M/d `[B, h, w]` (−0 outside the mask), and Σinv `[B, 1, 1]`.
+/// inv = M/d `[B, h, w]` (−0 outside the mask), and Σinv `[B, 1, 1]`. Always in float32,
+/// whatever the model's dtype: 1/d of squared latent differences leaves f16's range and
+/// bf16's precision.
 fn inverse_distance(x: &Tensor, x0: &Tensor, m: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (x, x0, m) = (
+        x.to_dtype(DType::F32)?,
+        x0.to_dtype(DType::F32)?,
+        m.to_dtype(DType::F32)?,
+    );
     let d = m.broadcast_mul(&(x - x0)?)?.sqr()?.mean(1)?;
     let neg1 = Tensor::full(-1f32, d.shape(), d.device())?;
     let d = d.eq(0f32)?.where_cond(&neg1, &d)?;
@@ -160,7 +167,7 @@ pub fn aar_official(
     t: usize,
     num_steps: usize,
 ) -> Result<(Tensor, Tensor)> {
-    let m = dilate(mask, dilation_radius(t, num_steps))?;
+    let m = dilate(&mask.to_dtype(DType::F32)?, dilation_radius(t, num_steps))?;
     let (inv, isum) = inverse_distance(x, x0, &m)?;
     let msum = sum_hw(&m.squeeze(1)?)?;
     let w = msum.broadcast_mul(&inv)?.broadcast_div(&isum)?;
@@ -481,50 +488,59 @@ pub fn sample(
     }
     let ddim = LdmDdim::new(&model.schedule, opts.steps, opts.eta)?;
     let z_y = model.encode_first_stage(normal, noise)?;
+    let dt = z_y.dtype();
     let (_, _, h, w) = z_y.dims4()?;
-    let mask_latent = latent_mask(mask, h, w)?.to_dtype(z_y.dtype())?;
-    let mut x = noise.randn(z_y.shape(), z_y.dtype(), z_y.device())?;
+    let mask_latent = latent_mask(mask, h, w)?.to_dtype(dt)?;
+    // The loop state, the blend, the weight map and the DDIM step in float32 whatever the
+    // model's dtype (no-ops for an f32 model); only the UNet (and the paper variant's decode)
+    // runs in `dt`.
+    let f32 = DType::F32;
+    let (z32, mask32) = (z_y.to_dtype(f32)?, mask_latent.to_dtype(f32)?);
+    let mut x = noise.randn(z_y.shape(), f32, z_y.device())?;
     let n_steps = ddim.timesteps().len();
     let mut steps = Vec::new();
     let mut prev_pred: Option<Tensor> = None;
-    let normal_img = normal.to_dtype(z_y.dtype())?;
+    let normal_img = normal.to_dtype(dt)?;
     for (index, t) in ddim.sampling_order() {
         let ts = vec![t; b];
-        let eps_q = noise.randn(z_y.shape(), z_y.dtype(), z_y.device())?;
-        let y_t = model.schedule.q_sample(&z_y, &ts, &eps_q)?;
+        let eps_q = noise.randn(z_y.shape(), f32, z_y.device())?;
+        let y_t = model.schedule.q_sample(&z32, &ts, &eps_q)?;
         let (m, wmap) = match opts.aar {
-            AarMode::Off => (mask_latent.clone(), None),
+            AarMode::Off => (mask32.clone(), None),
             AarMode::Official => {
-                let (m, w) = aar_official(&x, &z_y, &mask_latent, t, n_steps)?;
+                let (m, w) = aar_official(&x, &z32, &mask32, t, n_steps)?;
                 (m, Some(w))
             }
-            AarMode::Legacy => (
-                mask_latent.clone(),
-                Some(aar_legacy(&x, &z_y, &mask_latent)?),
-            ),
+            AarMode::Legacy => (mask32.clone(), Some(aar_legacy(&x, &z32, &mask32)?)),
             AarMode::Paper => {
                 let w = match &prev_pred {
                     Some(pred) => {
-                        let img = model.decode_first_stage(pred)?;
+                        let img = model.decode_first_stage(&pred.to_dtype(dt)?)?;
                         let wp = aar_paper(&normal_img, &img, &mask.to_dtype(img.dtype())?)?;
-                        Some(resize_bilinear(&wp.unsqueeze(1)?, h, w)?.squeeze(1)?)
+                        Some(
+                            resize_bilinear(&wp.unsqueeze(1)?, h, w)?
+                                .squeeze(1)?
+                                .to_dtype(f32)?,
+                        )
                     }
                     None => None,
                 };
-                (mask_latent.clone(), w)
+                (mask32.clone(), w)
             }
         };
         x = (x.broadcast_mul(&m)? + (1.0 - &m)?.broadcast_mul(&y_t)?)?;
         let t_tensor = Tensor::from_vec(ts.iter().map(|&t| t as f32).collect(), b, x.device())?;
+        let xh = x.to_dtype(dt)?;
         let eps = match &wmap {
             Some(wm) => {
                 let mut ctrl = AarController::new(wm.clone(), positions.to_vec(), opts.aar);
                 model
                     .unet
-                    .forward(&x, &t_tensor, context, Some(&mut ctrl))?
+                    .forward(&xh, &t_tensor, context, Some(&mut ctrl))?
             }
-            None => model.unet.forward(&x, &t_tensor, context, None)?,
-        };
+            None => model.unet.forward(&xh, &t_tensor, context, None)?,
+        }
+        .to_dtype(f32)?;
         if record {
             steps.push(StepRecord {
                 t,
@@ -538,6 +554,7 @@ pub fn sample(
         x = out.x_prev;
         prev_pred = Some(out.pred_x0);
     }
+    let x = x.to_dtype(dt)?;
     Ok(SampleOutput {
         z_y,
         mask_latent,

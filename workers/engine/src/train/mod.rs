@@ -10,6 +10,7 @@
 //!   gathers, and its BatchNorm uses batch statistics. `tests/parity.rs` checks the loss and
 //!   the gradients against the official code's (`ref_loss.safetensors`), `tests/train.rs`
 //!   against float64 finite differences.
+//! * [`mask_training_loss`]: the mask model's plain textual-inversion loss (§5.1).
 //! * [`frozen`]: products with frozen weights that skip the frozen side's gradient.
 //! * [`adam`]: torch's Adam/AdamW with per-parameter state and steps.
 //! * [`augment`]: the official batch augmentation (flips, rotation, the mask-keeping crop).
@@ -90,6 +91,53 @@ pub fn masked_training_loss(
     })
 }
 
+/// One batch of the mask model's loss, on the model's device.
+pub struct MaskLossBatch<'a> {
+    /// Clean latents z `[B, 4, h, w]` of the masks read as RGB images (VAE sample × scale).
+    pub latents: &'a Tensor,
+    /// Prompts holding the placeholder, one per row.
+    pub prompts: &'a [String],
+    /// Mask-embedding names (`<category>+<defect>`), one per row.
+    pub names: &'a [String],
+    /// Timesteps, one per row, in `[0, T)`.
+    pub timesteps: &'a [usize],
+    /// The noise ε `[B, 4, h, w]`.
+    pub noise: &'a Tensor,
+}
+
+/// The mask model's loss (shared/reference/anomalydiffusion.md §5.1): plain textual inversion,
+/// `x_t = q_sample(z, t, ε)`, `ε̂ = UNet(x_t, t, BERT(splice(prompt, e_m(name))))`,
+/// `mean((ε̂ − ε)²)` over all elements — no mask, no spatial encoder.
+pub fn mask_training_loss(model: &AnomalyModel, batch: &MaskLossBatch) -> Result<LossOutput> {
+    let b = batch.latents.dim(0)?;
+    if batch.noise.dims() != batch.latents.dims()
+        || batch.timesteps.len() != b
+        || batch.names.len() != b
+    {
+        return Err(EngineError::Invalid(format!(
+            "mask training batch: latents {:?}, noise {:?}, {} timesteps, {} names",
+            batch.latents.dims(),
+            batch.noise.dims(),
+            batch.timesteps.len(),
+            batch.names.len()
+        )));
+    }
+    let context = model.mask_context(batch.prompts, batch.names)?;
+    let x_t = model
+        .ldm
+        .schedule
+        .q_sample(batch.latents, batch.timesteps, batch.noise)?;
+    let t: Vec<i64> = batch.timesteps.iter().map(|&t| t as i64).collect();
+    let t = Tensor::new(t.as_slice(), batch.latents.device())?;
+    let eps_hat = model.ldm.unet.forward(&x_t, &t, &context, None)?;
+    let loss = (&eps_hat - batch.noise)?.sqr()?.mean_all()?;
+    Ok(LossOutput {
+        loss,
+        context,
+        eps_hat,
+    })
+}
+
 /// The parameters being trained, installed in a model: the embeddings of the types being
 /// learned (the model's tensors for them are these `Var`s' tensors) and, unless frozen, the
 /// spatial encoder's parameters.
@@ -140,6 +188,39 @@ impl Trainable {
         Ok(Self {
             embeddings,
             encoder,
+        })
+    }
+
+    /// Makes the mask embeddings of `names` trainable in `model` (the mask model: no encoder).
+    /// A name the model has a mask embedding for continues from it; a new one starts from
+    /// `init` `[K, D]` (official: 16 copies of "crack", [`init_embedding`]).
+    pub fn install_masks(
+        model: &mut AnomalyModel,
+        names: &[String],
+        init: &Tensor,
+    ) -> Result<Self> {
+        let mut embeddings = BTreeMap::new();
+        for n in names {
+            let start = match model.mask_embeddings.get(n) {
+                Some(t) => t.clone(),
+                None => init.clone(),
+            };
+            if start.dims() != init.dims() {
+                return Err(EngineError::Invalid(format!(
+                    "mask embedding {n:?} has shape {:?}, new ones {:?}",
+                    start.dims(),
+                    init.dims()
+                )));
+            }
+            let var = Var::from_tensor(&start.detach().copy()?)?;
+            model
+                .mask_embeddings
+                .insert(n.clone(), var.as_tensor().clone());
+            embeddings.insert(n.clone(), var);
+        }
+        Ok(Self {
+            embeddings,
+            encoder: Vec::new(),
         })
     }
 
