@@ -42,9 +42,9 @@ pack() {
   echo "gpu-check: building the CUDA checks (profile $profile, compute capability $cap)..." >&2
   local msgs
   msgs=$(mktemp)
-  (cd "$root" && cargo build --profile "$profile" -p defectforge-engine --features cuda \
-    --test parity --bench unet_forward --bench ldm_forward --bench ad_sample --bench train_step \
-    --message-format=json-render-diagnostics) >"$msgs"
+  # the CI's CUDA build command (same targets, same feature unification), in $profile
+  (cd "$root" && cargo build --profile "$profile" --workspace --bins --benches --test parity \
+    --features defectforge-engine/cuda --message-format=json-render-diagnostics) >"$msgs"
   rm -rf "$out"
   mkdir -p "$out/bin" "$out/fixtures"
   python3 - "$msgs" "$out/bin" <<'PY'

@@ -66,6 +66,26 @@ pub enum EncoderMode {
     Frozen,
 }
 
+/// What a run learns: the anomaly model (embeddings e_a and the spatial encoder, §4) or the
+/// mask model (one mask embedding e_m per type, plain textual inversion, §5.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TrainingKind {
+    #[default]
+    Image,
+    Mask,
+}
+
+impl TrainingKind {
+    pub fn is_image(&self) -> bool {
+        *self == TrainingKind::Image
+    }
+}
+
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
+}
+
 /// Where one type's real examples are.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TypeSource {
@@ -91,6 +111,12 @@ pub struct TrainingSettings {
     /// steps per job on the fleet (`train submit`): each segment commits a checkpoint and
     /// publishes the next; keep one under the broker's consumer timeout (30 min by default)
     pub segment_steps: u64,
+    /// AdamW's decoupled weight decay (the mask model's official 0.01; 0 = Adam)
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub weight_decay: f64,
+    /// mask model: the optimizer steps every type's embedding takes (`steps` is derived)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps_per_type: Option<u64>,
 }
 
 impl TrainingSettings {
@@ -108,6 +134,9 @@ impl TrainingSettings {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainingSpec {
+    /// image (default, not serialised: the digests of image specs stay as they were) or mask
+    #[serde(default, skip_serializing_if = "TrainingKind::is_image")]
+    pub kind: TrainingKind,
     pub name: String,
     pub seed: u64,
     /// the imported base model (a directory or s3://…/models/<id>)
@@ -149,6 +178,7 @@ impl TrainingSpec {
             &root,
             "",
             &[
+                "kind",
                 "name",
                 "seed",
                 "base_model",
@@ -158,6 +188,17 @@ impl TrainingSpec {
                 "training",
             ],
         );
+        let kind = match w.str_opt(&root, "", "kind").as_deref() {
+            None | Some("image") => TrainingKind::Image,
+            Some("mask") => TrainingKind::Mask,
+            Some(o) => {
+                w.problems.push(format!(
+                    "kind: unknown {o:?} (expected \"image\": the anomaly model, or \"mask\": the mask model)"
+                ));
+                TrainingKind::Image
+            }
+        };
+        let mask = kind == TrainingKind::Mask;
         let name = w.str_opt(&root, "", "name");
         if !root.contains_key("name") {
             w.problems
@@ -341,6 +382,7 @@ impl TrainingSpec {
             "training",
             &[
                 "steps",
+                "steps_per_type",
                 "batch",
                 "accumulation",
                 "base_lr",
@@ -348,23 +390,61 @@ impl TrainingSpec {
                 "init_word",
                 "vectors",
                 "augment",
+                "weight_decay",
                 "checkpoint_every",
                 "preview_every",
                 "segment_steps",
             ],
         );
-        let steps = w.int_opt(t, "training", "steps", 1).map(|s| s as u64);
-        if !t.contains_key("steps") {
-            w.problems.push(
-                "training.steps: missing (optimizer steps; the official run is 300000)".into(),
+        let not_for = |w: &mut Walker, key: &str, why: &str| {
+            if t.contains_key(key) {
+                w.problems.push(format!("training.{key}: {why}"));
+            }
+        };
+        if mask {
+            not_for(
+                &mut w,
+                "steps",
+                "mask training stops by training.steps_per_type (every type's embedding takes that many optimizer steps; the total follows)",
+            );
+            not_for(&mut w, "encoder", "the mask model has no spatial encoder");
+            not_for(
+                &mut w,
+                "augment",
+                "the official mask training does not augment (masks are read as RGB images, resized to 256)",
+            );
+        } else {
+            not_for(
+                &mut w,
+                "steps_per_type",
+                "only for kind = \"mask\"; the anomaly model trains training.steps joint steps",
             );
         }
-        if let Some(s) = steps {
-            if s > MAX_STEPS {
-                w.problems
-                    .push(format!("training.steps must be <= {MAX_STEPS} (got {s})"));
+        let per_type = if mask {
+            let v = w
+                .int_opt(t, "training", "steps_per_type", 1)
+                .map(|s| s as u64);
+            if !t.contains_key("steps_per_type") {
+                w.problems.push(
+                    "training.steps_per_type: missing (optimizer steps per type; the official train_mask.py runs 30001, its config 5000)"
+                        .into(),
+                );
             }
-        }
+            v
+        } else {
+            None
+        };
+        let steps = if mask {
+            None
+        } else {
+            let steps = w.int_opt(t, "training", "steps", 1).map(|s| s as u64);
+            if !t.contains_key("steps") {
+                w.problems.push(
+                    "training.steps: missing (optimizer steps; the official run is 300000)".into(),
+                );
+            }
+            steps
+        };
         let batch = w.int_opt(t, "training", "batch", 1).unwrap_or(4) as u64;
         if batch > MAX_BATCH as u64 {
             w.problems.push(format!(
@@ -377,11 +457,40 @@ impl TrainingSpec {
                 "training.accumulation must be <= 64 (got {accumulation})"
             ));
         }
+        let steps = match (steps, per_type) {
+            (Some(s), _) => Some(s),
+            (None, Some(p)) if p > MAX_STEPS => {
+                w.problems.push(format!(
+                    "training.steps_per_type must be <= {MAX_STEPS} (got {p})"
+                ));
+                None
+            }
+            (None, Some(p)) if !types.is_empty() => Some(mask_total_steps(
+                p,
+                batch.min(MAX_BATCH as u64) as u32,
+                accumulation.min(64) as u32,
+                types.len(),
+            )),
+            _ => None,
+        };
+        if let Some(s) = steps {
+            if s > MAX_STEPS {
+                w.problems.push(if mask {
+                    format!(
+                        "training.steps_per_type: {} types at batch {batch} need {s} steps, more than {MAX_STEPS}; raise the batch or lower steps_per_type",
+                        types.len()
+                    )
+                } else {
+                    format!("training.steps must be <= {MAX_STEPS} (got {s})")
+                });
+            }
+        }
         let base_lr = w
             .f32_opt(t, "training", "base_lr", 1e-8, 1.0)
             .map(f64::from)
             .unwrap_or(5e-3);
         let encoder = match w.str_opt(t, "training", "encoder").as_deref() {
+            None if mask => Some(EncoderMode::Frozen),
             None | Some("train") => Some(EncoderMode::Train),
             Some("frozen") => Some(EncoderMode::Frozen),
             Some(o) => {
@@ -393,18 +502,24 @@ impl TrainingSpec {
         };
         let init_word = w
             .str_opt(t, "training", "init_word")
-            .unwrap_or_else(|| "anomaly".into());
+            .unwrap_or_else(|| if mask { "crack" } else { "anomaly" }.into());
         if init_word.trim().is_empty() || init_word.contains(char::is_whitespace) {
             w.problems.push(format!(
                 "training.init_word must be one word (got {init_word:?})"
             ));
         }
-        let vectors = w.int_opt(t, "training", "vectors", 1).unwrap_or(4) as u64;
+        let vectors = w
+            .int_opt(t, "training", "vectors", 1)
+            .unwrap_or(if mask { 16 } else { 4 }) as u64;
         if vectors > 32 {
             w.problems
                 .push(format!("training.vectors must be <= 32 (got {vectors})"));
         }
-        let augment = w.bool_opt(t, "training", "augment").unwrap_or(true);
+        let augment = w.bool_opt(t, "training", "augment").unwrap_or(!mask);
+        let weight_decay = w
+            .f32_opt(t, "training", "weight_decay", 0.0, 1.0)
+            .map(f64::from)
+            .unwrap_or(if mask { 0.01 } else { 0.0 });
         let total = steps.unwrap_or(1);
         let checkpoint_every = w
             .int_opt(t, "training", "checkpoint_every", 1)
@@ -426,6 +541,7 @@ impl TrainingSpec {
             });
         }
         Ok(TrainingSpec {
+            kind,
             name: name.unwrap_or_default(),
             seed: seed.unwrap_or(0) as u64,
             base_model: base_model.unwrap_or_default(),
@@ -447,8 +563,20 @@ impl TrainingSpec {
                 checkpoint_every,
                 preview_every,
                 segment_steps,
+                weight_decay,
+                steps_per_type: per_type,
             },
         })
+    }
+
+    /// The few-shot examples taken out of `n` sorted ones: the campaign split for the image
+    /// model; for the mask model the official `[:l]` (floor(n/3), one fewer than the image
+    /// model's official split) or, for `disjoint`, the images the disjoint split gives.
+    pub fn take(&self, n: usize) -> usize {
+        match (self.kind, self.few_shot_split) {
+            (TrainingKind::Mask, FewShotSplit::Official) => n / 3,
+            _ => self.few_shot_split.take(n),
+        }
     }
 
     /// Every location the run reads from (the dataset and each type's folders).
@@ -529,6 +657,52 @@ impl TrainingSpec {
         }
         out
     }
+}
+
+/// The types (indices into the sorted type list) of the rows of micro-batch `micro` of step
+/// `step` (1-based) of a mask-model run: rows go round-robin over the types, so batches mix
+/// types and every type gets the same share.
+pub fn mask_batch_types(
+    step: u64,
+    micro: u32,
+    batch: u32,
+    accumulation: u32,
+    ntypes: usize,
+) -> Vec<usize> {
+    let first = ((step - 1) * accumulation as u64 + micro as u64) * batch as u64;
+    (0..batch as u64)
+        .map(|i| ((first + i) % ntypes as u64) as usize)
+        .collect()
+}
+
+/// The smallest step count after which every one of `ntypes` types has taken `per_type`
+/// optimizer steps under [`mask_batch_types`] (a type steps when a row of one of its
+/// micro-batches is its own). With R = batch × accumulation rows per step and R < T types,
+/// the windows repeat every T steps and cover each type exactly R times per period.
+pub fn mask_total_steps(per_type: u64, batch: u32, accumulation: u32, ntypes: usize) -> u64 {
+    let (rows, t) = (batch as u64 * accumulation as u64, ntypes as u64);
+    if t == 0 || rows == 0 {
+        return 0;
+    }
+    if rows >= t {
+        return per_type;
+    }
+    let periods = per_type / rows;
+    let mut step = periods * t;
+    let mut counts = vec![periods * rows; ntypes];
+    while counts.iter().any(|&c| c < per_type) {
+        step += 1;
+        let mut seen = vec![false; ntypes];
+        for m in 0..accumulation {
+            for j in mask_batch_types(step, m, batch, accumulation, ntypes) {
+                seen[j] = true;
+            }
+        }
+        for (c, s) in counts.iter_mut().zip(seen) {
+            *c += s as u64;
+        }
+    }
+    step
 }
 
 /// Object keys of a training run under its output root.
@@ -883,6 +1057,128 @@ mod tests {
 
     fn parse(s: &str) -> Result<TrainingSpec, TrainingSpecError> {
         TrainingSpec::parse(s, Path::new("/base"), "t.toml")
+    }
+
+    const MASK_SPEC: &str = r#"
+kind = "mask"
+name = "masks"
+seed = 1
+base_model = "m"
+output = "out"
+[dataset]
+source = "data"
+[types."bottle+broken_large"]
+[types."bottle+contamination"]
+[types."wood+color"]
+[training]
+steps_per_type = 10
+"#;
+
+    #[test]
+    fn a_mask_spec_takes_the_official_mask_recipe_and_derives_its_steps() {
+        let s = parse(MASK_SPEC).unwrap();
+        assert_eq!(s.kind, TrainingKind::Mask);
+        let t = &s.training;
+        assert_eq!((t.vectors, t.init_word.as_str()), (16, "crack"));
+        assert_eq!((t.lr(), t.weight_decay), (0.02, 0.01));
+        assert!(!t.augment);
+        assert_eq!(t.steps_per_type, Some(10));
+        // batch 4 ≥ 3 types: every type in every batch → 10 steps
+        assert_eq!(t.steps, 10);
+        // the official mask split is [:floor(n/3)], one fewer than the image model's
+        assert_eq!(s.take(10), 3);
+        let mut o = s.clone();
+        o.few_shot_split = FewShotSplit::Official;
+        assert_eq!((o.take(10), o.take(2)), (3, 0));
+        // image specs keep their digests: the new fields are not serialised for them
+        let img = parse(
+            &MASK_SPEC
+                .replace("kind = \"mask\"", "")
+                .replace("steps_per_type", "steps"),
+        )
+        .unwrap();
+        let json = img.canonical_json();
+        assert!(
+            !json.contains("kind")
+                && !json.contains("weight_decay")
+                && !json.contains("steps_per_type"),
+            "{json}"
+        );
+        assert!(s.canonical_json().contains("\"kind\":\"mask\""));
+    }
+
+    #[test]
+    fn the_mask_schedule_mixes_types_and_gives_each_its_steps() {
+        // 5 types, batch 2: rows cycle 0 1 | 2 3 | 4 0 | 1 2 | 3 4 | 0 1 …
+        assert_eq!(mask_batch_types(1, 0, 2, 1, 5), vec![0, 1]);
+        assert_eq!(mask_batch_types(3, 0, 2, 1, 5), vec![4, 0]);
+        assert_eq!(mask_batch_types(2, 1, 2, 2, 5), vec![1, 2]);
+        for (per, b, acc, n) in [
+            (7, 2, 1, 5),
+            (10, 4, 1, 3),
+            (3, 3, 2, 20),
+            (1, 1, 1, 4),
+            (12, 5, 1, 7),
+        ] {
+            let total = mask_total_steps(per, b, acc, n);
+            let mut counts = vec![0u64; n];
+            for k in 1..=total {
+                let mut seen = vec![false; n];
+                for m in 0..acc {
+                    for j in mask_batch_types(k, m, b, acc, n) {
+                        seen[j] = true;
+                    }
+                }
+                for (c, s) in counts.iter_mut().zip(seen) {
+                    *c += s as u64;
+                }
+            }
+            assert!(
+                counts.iter().all(|&c| c >= per),
+                "{per} {b} {acc} {n}: {counts:?}"
+            );
+            // one step fewer leaves some type short
+            let short = (1..total).fold(vec![0u64; n], |mut c, k| {
+                let mut seen = vec![false; n];
+                for m in 0..acc {
+                    for j in mask_batch_types(k, m, b, acc, n) {
+                        seen[j] = true;
+                    }
+                }
+                for (x, s) in c.iter_mut().zip(seen) {
+                    *x += s as u64;
+                }
+                c
+            });
+            assert!(
+                short.iter().any(|&c| c < per),
+                "{per} {b} {acc} {n}: {total} is not minimal"
+            );
+        }
+    }
+
+    #[test]
+    fn mask_specs_refuse_image_only_keys_and_image_specs_mask_only_ones() {
+        let bad = MASK_SPEC.replace(
+            "steps_per_type = 10",
+            "steps = 10\nencoder = \"train\"\naugment = true",
+        );
+        let msg = parse(&bad).unwrap_err().to_string();
+        for want in [
+            "training.steps: mask training stops by training.steps_per_type",
+            "training.encoder: the mask model has no spatial encoder",
+            "training.augment: the official mask training does not augment",
+            "training.steps_per_type: missing",
+        ] {
+            assert!(msg.contains(want), "{want} not in {msg}");
+        }
+        let img = MASK_SPEC.replace("kind = \"mask\"", "kind = \"picture\"");
+        let msg = parse(&img).unwrap_err().to_string();
+        assert!(msg.contains("kind: unknown \"picture\""), "{msg}");
+        assert!(
+            msg.contains("training.steps_per_type: only for kind = \"mask\""),
+            "{msg}"
+        );
     }
 
     #[test]

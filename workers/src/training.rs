@@ -31,7 +31,8 @@ use bytes::Bytes;
 use defectforge::dataset;
 use defectforge::store::{self, ObjectStore, S3Config};
 use defectforge::training::{
-    keys, CheckpointCommit, EncoderMode, LogRow, TrainingResult, TrainingSpec,
+    keys, mask_batch_types, CheckpointCommit, EncoderMode, LogRow, TrainingKind, TrainingResult,
+    TrainingSpec,
 };
 use defectforge_engine::ad_model::{self, AnomalyModel, PROMPT_TEMPLATES};
 use defectforge_engine::anomaly::SamplerOptions;
@@ -45,6 +46,8 @@ use image::imageops::FilterType;
 use tracing::info;
 
 use crate::models::{self, ModelError};
+
+mod masks;
 
 /// The loaded size (official 512) and the training size (256).
 pub const LOAD_SIZE: usize = 512;
@@ -181,7 +184,7 @@ pub async fn resolve_examples(
             continue;
         }
         pairs.sort_by_key(|(i, _)| numeric_key(i));
-        let take = spec.few_shot_split.take(pairs.len());
+        let take = spec.take(pairs.len());
         if take == 0 {
             problems.push(format!(
                 "{name}: the {:?} split of {} example(s) in {} leaves no training image",
@@ -543,19 +546,27 @@ pub fn run_blocking(
 
     // Data, then the model.
     let examples = rt.block_on(resolve_examples(spec, s3))?;
+    let mask_kind = spec.kind == TrainingKind::Mask;
+    // the image model reads (image, mask) pairs; the mask model only the masks, as RGB
     let mut samples: Vec<Vec<LoadedSample>> = Vec::new();
+    let mut mask_rgb: Vec<Vec<Vec<f32>>> = Vec::new();
     for ex in &examples {
-        let mut v = Vec::new();
+        let (mut v, mut mv) = (Vec::new(), Vec::new());
         for (i, m) in &ex.pairs {
-            v.push(rt.block_on(load_example(i, m, s3))?);
+            if mask_kind {
+                mv.push(rt.block_on(masks::load_mask_rgb(m, s3))?);
+            } else {
+                v.push(rt.block_on(load_example(i, m, s3))?);
+            }
         }
         samples.push(v);
+        mask_rgb.push(mv);
     }
     let names: Vec<String> = examples.iter().map(|e| e.name.clone()).collect();
-    let pool: Vec<(usize, usize)> = samples
+    let pool: Vec<(usize, usize)> = examples
         .iter()
         .enumerate()
-        .flat_map(|(t, v)| (0..v.len()).map(move |i| (t, i)))
+        .flat_map(|(t, e)| (0..e.pairs.len()).map(move |i| (t, i)))
         .collect();
     info!(run = %run_id, types = names.len(), examples = pool.len(), "training data loaded");
 
@@ -614,7 +625,11 @@ pub fn run_blocking(
     };
     // New types start from the initialiser word; types the base model knows continue from
     // their embedding (extending a model).
-    let tr = Trainable::install(&mut model, &names, &init, encoder_src)?;
+    let tr = if mask_kind {
+        Trainable::install_masks(&mut model, &names, &init)?
+    } else {
+        Trainable::install(&mut model, &names, &init, encoder_src)?
+    };
     if let Some(st) = &state {
         for (n, v) in &tr.embeddings {
             let t = st
@@ -624,20 +639,34 @@ pub fn run_blocking(
             v.set(&t.to_dtype(dtype)?)?;
         }
     }
-    let mut opt = Adam::new(tr.named(), AdamConfig::adam(spec.training.lr()))?;
+    let adam_cfg = if spec.training.weight_decay > 0.0 {
+        AdamConfig::adamw(spec.training.lr(), spec.training.weight_decay)
+    } else {
+        AdamConfig::adam(spec.training.lr())
+    };
+    let mut opt = Adam::new(tr.named(), adam_cfg)?;
+    let evaluate = |model: &AnomalyModel| -> Result<f64, TrainError> {
+        let batch = spec.training.batch as usize;
+        if mask_kind {
+            masks::eval_loss(
+                model,
+                &pool,
+                &mask_rgb,
+                &names,
+                spec.seed,
+                batch,
+                EVAL_EXAMPLES,
+            )
+        } else {
+            eval_loss(model, &pool, &samples, &names, spec.seed, batch)
+        }
+    };
     if let Some(st) = state.take() {
         opt.set_states(st.adam)?;
     }
     let initial_eval_loss = match &ckpt {
         Some((c, _)) => c.initial_eval_loss,
-        None => eval_loss(
-            &model,
-            &pool,
-            &samples,
-            &names,
-            spec.seed,
-            spec.training.batch as usize,
-        )?,
+        None => evaluate(&model)?,
     };
     let mut last_eval = match &ckpt {
         Some((c, _)) => c.eval_loss,
@@ -656,7 +685,7 @@ pub fn run_blocking(
     let preview_examples: Vec<(String, LoadedSample)> = names
         .iter()
         .cloned()
-        .zip(samples.iter().map(|v| v[0].clone()))
+        .zip(samples.iter().filter_map(|v| v.first().cloned()))
         .collect();
     let bar = if opts.progress {
         let pb = indicatif::ProgressBar::new(spec.training.steps);
@@ -690,18 +719,31 @@ pub fn run_blocking(
         let acc = spec.training.accumulation as u64;
         for micro in 0..acc {
             let mut rng = step_rng(spec.seed, step, micro);
-            let picks: Vec<(usize, usize)> = (0..spec.training.batch)
-                .map(|_| pool[(rng.next_u64() % pool.len() as u64) as usize])
-                .collect();
-            let (loss, aug, bn) = batch_loss(
-                &model,
-                &picks,
-                &samples,
-                &names,
-                spec.training.augment,
-                BnMode::Train,
-                &mut rng,
-            )?;
+            let (loss, aug, bn) = if mask_kind {
+                // rows round-robin over the types (every batch mixes them, each type gets its
+                // share), a random example of the row's type
+                let t = &spec.training;
+                let picks: Vec<(usize, usize)> =
+                    mask_batch_types(step, micro as u32, t.batch, t.accumulation, names.len())
+                        .into_iter()
+                        .map(|ty| (ty, (rng.next_u64() % mask_rgb[ty].len() as u64) as usize))
+                        .collect();
+                let (loss, bn) = masks::batch_loss(&model, &picks, &mask_rgb, &names, &mut rng)?;
+                (loss, false, bn)
+            } else {
+                let picks: Vec<(usize, usize)> = (0..spec.training.batch)
+                    .map(|_| pool[(rng.next_u64() % pool.len() as u64) as usize])
+                    .collect();
+                batch_loss(
+                    &model,
+                    &picks,
+                    &samples,
+                    &names,
+                    spec.training.augment,
+                    BnMode::Train,
+                    &mut rng,
+                )?
+            };
             let l = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if !l.is_finite() {
                 return Err(TrainError::Invalid(format!(
@@ -737,18 +779,32 @@ pub fn run_blocking(
         });
         let t = &spec.training;
         if t.preview_every > 0 && (step % t.preview_every == 0 || step == t.steps) {
-            let png = preview(&model, &preview_examples, spec.seed)?;
+            let png = if mask_kind {
+                let (png, acceptance) = masks::preview(&model, &names, spec.seed, PREVIEW_STEPS)?;
+                let rate: BTreeMap<String, f64> = acceptance.into_iter().collect();
+                info!(run = %run_id, step, acceptance = ?rate, "mask preview (share of sampled masks accepted)");
+                rt.block_on(
+                    out.put(
+                        &keys::preview(&run_id, step).replace(".png", ".json"),
+                        serde_json::to_vec_pretty(&serde_json::json!({
+                            "step": step,
+                            "masks_per_type": masks::PREVIEW_MASKS,
+                            "ddim_steps": PREVIEW_STEPS,
+                            "accepted_share": rate,
+                        }))
+                        .expect("json")
+                        .into(),
+                        "application/json",
+                    ),
+                )?;
+                png
+            } else {
+                preview(&model, &preview_examples, spec.seed)?
+            };
             rt.block_on(out.put(&keys::preview(&run_id, step), png.into(), "image/png"))?;
         }
         if step % t.checkpoint_every == 0 || step == end {
-            last_eval = eval_loss(
-                &model,
-                &pool,
-                &samples,
-                &names,
-                spec.seed,
-                spec.training.batch as usize,
-            )?;
+            last_eval = evaluate(&model)?;
             let state = write_state(&model, &tr, &opt, last_loss, step)?;
             let skey = keys::checkpoint_state(&run_id, step, &attempt);
             let lkey = keys::log_part(&run_id, step, &attempt);
@@ -841,11 +897,26 @@ pub fn run_blocking(
     defectforge_engine::weights::save_safetensors(&enc_tensors, Some(meta), &enc_path)?;
     let mut mask_embeddings = Vec::new();
     let me = model_dir.join(ad_model::MASK_EMBEDDINGS);
-    if me.is_file() {
+    if mask_kind {
+        // the base model's mask embeddings with the learned ones added (or replaced)
+        let path = staging.path().join(ad_model::MASK_EMBEDDINGS);
+        let mut params = BTreeMap::new();
+        for (n, t) in &model.mask_embeddings {
+            params.insert(n.clone(), t.detach().to_dtype(DType::F32)?);
+        }
+        let file = defectforge_engine::ad_files::EmbeddingsFile {
+            params,
+            placeholder_tokens: [(model.placeholder.clone(), model.placeholder_token as i64)]
+                .into(),
+        };
+        defectforge_engine::ad_files::write_embeddings_safetensors(&file, &path)?;
+        mask_embeddings.push((None, path));
+    } else if me.is_file() {
         mask_embeddings.push((None, me));
     }
     let lineage = serde_json::json!({
         "trained_by": "defectforge train",
+        "learned": if mask_kind { "mask embeddings" } else { "anomaly embeddings and spatial encoder" },
         "run_id": run_id,
         "spec_digest": digest,
         "base_model": {"uri": spec.base_model, "id": manifest.id, "digest": manifest.digest},

@@ -251,7 +251,10 @@ impl AnomalyModel {
         opts: &MaskSamplerOptions,
         noise: &mut dyn NoiseSource,
     ) -> Result<MaskSamples> {
-        let c = self.mask_context(prompts, names)?;
+        // Detached: sampling never needs gradients, and while a mask embedding is being
+        // trained (a `Var`) a tracked context would make every step's UNet keep the graph of
+        // all the steps before it (out of memory within a few steps).
+        let c = self.mask_context(prompts, names)?.detach();
         let uc = self.uncond_context(prompts.len())?;
         let out = sample_guided(&self.ldm, &c, &uc, opts, noise, false)?;
         postprocess(&self.ldm, &out.latent, opts.threshold)
@@ -394,7 +397,10 @@ impl AnomalyModel {
         bn: BnMode,
         noise: &mut dyn NoiseSource,
     ) -> Result<Tensor> {
+        // Detached, as in sample_masks: no gradient is needed, and a context tracked through
+        // trained parameters would make the loop keep every step's graph.
         let (ctx, positions) = self.context(prompts, names, masks, bn)?;
+        let ctx = ctx.detach();
         let region = region.unwrap_or(masks);
         if region.dims() != masks.dims() {
             return Err(EngineError::Invalid(format!(
