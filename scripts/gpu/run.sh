@@ -203,6 +203,7 @@ step unet-ldm256-bf16 60 BATCHES=1,8 ITERS=5 PARTS=unet DTYPE=bf16 -- bin/ldm_fo
 step unet-ldm256-f32 60 BATCHES=1,8 ITERS=5 PARTS=unet DTYPE=f32 -- bin/ldm_forward --bench
 step masks-bf16 60 MODE=masks BATCH=8 STEPS=10 DTYPE=bf16 -- bin/ad_sample --bench
 step train-f32 120 BATCH=4,8 STEPS=3 DTYPE=f32 -- bin/train_step --bench
+step train-masks-f32 60 MODE=mask BATCH=4,8 STEPS=3 DTYPE=f32 -- bin/train_step --bench
 if [ -n "$py" ] && "$py" -c "import torch; assert torch.cuda.is_available()" 2>>"$log"; then
   step torch 150 -- "$py" torch_gpu.py --wheels "$here/wheels"
 elif [ -z "$only" ] || [[ ",$only," == *",torch,"* ]]; then

@@ -5,7 +5,8 @@
 //! docs/benchmarks.md ("Training").
 //!
 //! `cargo bench -p defectforge-engine --bench train_step` (env: BATCH=1,4 STEPS=2
-//! SKIP_FROZEN=1|0 ENCODER=train|frozen DTYPE=f32|bf16, default f32). `SKIP_FROZEN=0` lets candle compute and store the
+//! SKIP_FROZEN=1|0 ENCODER=train|frozen DTYPE=f32|bf16, default f32; MODE=mask: the mask model's
+//! step, 16-vector embeddings with AdamW and the plain loss). `SKIP_FROZEN=0` lets candle compute and store the
 //! frozen weights' gradients too (what its stock ops do), to measure what skipping them saves.
 
 use std::collections::BTreeMap;
@@ -20,7 +21,9 @@ use defectforge_engine::spatial::{BnMode, SpatialEncoder, SpatialEncoderConfig};
 use defectforge_engine::tokenizer::WordPieceTokenizer;
 use defectforge_engine::train::adam::{Adam, AdamConfig};
 use defectforge_engine::train::frozen::set_skip_frozen_grads;
-use defectforge_engine::train::{masked_training_loss, LossBatch, Trainable};
+use defectforge_engine::train::{
+    mask_training_loss, masked_training_loss, LossBatch, MaskLossBatch, Trainable,
+};
 use defectforge_engine::{NoiseSource, Weights};
 
 #[path = "common/mod.rs"]
@@ -93,14 +96,29 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .collect::<Result<BTreeMap<_, _>, candle_core::Error>>()?,
     };
     let mut model = AnomalyModel::assemble(ldm, spatial, emb, tok, dtype, &dev)?;
-    let init = model.embeddings[&types[0]].zeros_like()?;
-    let tr = Trainable::install(
-        &mut model,
-        &types,
-        &init,
-        train_encoder.then_some(enc_file.as_path()),
+    // MODE=mask: the mask model's step (issue 15) — 16 × 1280 mask embeddings, AdamW
+    // (wd 0.01), the plain loss; no encoder, no mask in the loss.
+    let mask_mode = env_or("MODE", "image") == "mask";
+    let tr = if mask_mode {
+        let init = Tensor::zeros((16, 1280), dtype, &dev)?;
+        Trainable::install_masks(&mut model, &types, &init)?
+    } else {
+        let init = model.embeddings[&types[0]].zeros_like()?;
+        Trainable::install(
+            &mut model,
+            &types,
+            &init,
+            train_encoder.then_some(enc_file.as_path()),
+        )?
+    };
+    let mut opt = Adam::new(
+        tr.named(),
+        if mask_mode {
+            AdamConfig::adamw(0.02, 0.01)
+        } else {
+            AdamConfig::adam(0.02)
+        },
     )?;
-    let mut opt = Adam::new(tr.named(), AdamConfig::adam(0.02))?;
     let trainable: usize = tr.named().iter().map(|(_, v)| v.elem_count()).sum();
     println!(
         "full-size AnomalyDiffusion training: {:.1} M trainable parameters, {dtype:?} on {dev:?}, threads {}, skip frozen grads {skip}, init {:.1} s, RSS {:.2} GiB",
@@ -127,18 +145,31 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let t: Vec<usize> = (0..batch).map(|i| 100 + 200 * i).collect();
         for s in 0..steps {
             let (w0, c0) = (Instant::now(), cpu_seconds());
-            let out = masked_training_loss(
-                &model,
-                &LossBatch {
-                    latents: &z,
-                    masks: &masks,
-                    prompts: &prompts,
-                    names: &names,
-                    timesteps: &t,
-                    noise: &eps,
-                },
-                BnMode::Train,
-            )?;
+            let out = if mask_mode {
+                mask_training_loss(
+                    &model,
+                    &MaskLossBatch {
+                        latents: &z,
+                        prompts: &prompts,
+                        names: &names,
+                        timesteps: &t,
+                        noise: &eps,
+                    },
+                )?
+            } else {
+                masked_training_loss(
+                    &model,
+                    &LossBatch {
+                        latents: &z,
+                        masks: &masks,
+                        prompts: &prompts,
+                        names: &names,
+                        timesteps: &t,
+                        noise: &eps,
+                    },
+                    BnMode::Train,
+                )?
+            };
             let fwd = w0.elapsed().as_secs_f64();
             let grads = out.loss.backward()?;
             let bwd = w0.elapsed().as_secs_f64() - fwd;
@@ -148,7 +179,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let secs = w0.elapsed().as_secs_f64();
             let loss = out.loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
             emit(
-                "train_step",
+                if mask_mode {
+                    "mask_train_step"
+                } else {
+                    "train_step"
+                },
                 &dev,
                 dtype,
                 serde_json::json!({"step": s, "batch": batch, "seconds": secs, "forward_s": fwd,
