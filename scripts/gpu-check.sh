@@ -7,7 +7,7 @@
 #
 # `pack` installs the CUDA toolchain from PyPI (scripts/cuda-toolchain.sh), builds the parity
 # harness and the benchmarks of the engine with `--features cuda` in the gpu-check profile
-# (release, no debug info), strips them, copies the fixtures named by GPU_CHECK_FIXTURES
+# (release, no debug info), strips them and packs them into one bin.tar.xz, copies the fixtures named by GPU_CHECK_FIXTURES
 # (default: one directory of each kind) and the wheels diffusers needs beside an installed torch,
 # writes MANIFEST.json (commit, compute capability, every file's size and sha256) and fails when
 # the folder exceeds the 64 MiB a device run can carry.
@@ -19,7 +19,7 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 LIMIT_MIB=64
 # diffusers and what it imports that a PyTorch install does not bring (torch brings filelock,
 # fsspec, typing-extensions, jinja2, sympy, networkx; numpy is assumed there). Pure-Python wheels
-# except safetensors (abi3: any CPython >= 3.10). Tested in a torch-only environment
+# except safetensors (abi3). diffusers 0.42 needs Python >= 3.11 on the GPU machine. Tested in a torch-only environment
 # (docs/benchmarks.md, "GPU"): Pillow and PyYAML, binary and never used by the check, are
 # replaced by import-only stand-ins (scripts/gpu/stubs) when missing there.
 WHEELS=(
@@ -69,6 +69,10 @@ for name, exe in found.items():
 PY
   rm -f "$msgs"
   strip "$out"/bin/* 2>/dev/null || true
+  # one xz stream over all of them: they share candle and its PTX kernels (measured: five
+  # stripped binaries, 267 MiB, pack into 10 MiB with a 192 MiB dictionary; ~2.5 min)
+  echo "gpu-check: compressing the binaries..." >&2
+  (cd "$out" && tar cf - bin | xz -9e -T1 --lzma2=dict=192MiB >bin.tar.xz && rm -rf bin)
   cp "$fixtures/README.md" "$out/fixtures/" 2>/dev/null || true
   local d
   IFS=, read -ra dirs <<<"$pick"
@@ -81,13 +85,16 @@ PY
   if [ "${GPU_CHECK_WHEELS:-1}" != 0 ]; then
     mkdir -p "$out/wheels"
     local dl=(python3 -m pip download --quiet --no-deps --only-binary=:all: --disable-pip-version-check -d "$out/wheels")
-    if ! "${dl[@]}" --platform any --implementation py --python-version 3.10 "${WHEELS[@]}" ||
+    if ! "${dl[@]}" --platform any --implementation py --python-version 3.11 "${WHEELS[@]}" ||
       ! "${dl[@]}" --platform manylinux2014_x86_64 --implementation cp --abi abi3 --python-version 3.10 "${ABI3_WHEELS[@]}"; then
       echo "gpu-check: could not download the diffusers wheels (${WHEELS[*]} ${ABI3_WHEELS[*]}); set GPU_CHECK_WHEELS=0 to pack without them" >&2
       return 1
     fi
   fi
   cp -r "$root/scripts/gpu/stubs" "$out/"
+  # the cuRAND stand-in (scripts/cuda-toolchain.sh), used by run.sh only where no real one is
+  mkdir -p "$out/lib-fallback"
+  cp "${DEFECTFORGE_CUDA_TOOLCHAIN:-$HOME/.cache/defectforge/cuda}/standin/libcurand.so.10" "$out/lib-fallback/"
   python3 - "$out" "$root" "$cap" "$profile" "${WHEELS[*]} ${ABI3_WHEELS[*]}" <<'PY'
 import hashlib, json, os, subprocess, sys, datetime
 out, root, cap, profile, wheels = sys.argv[1:6]
@@ -104,7 +111,7 @@ for d, _, names in os.walk(out):
         p = os.path.join(d, n)
         files.append({"path": os.path.relpath(p, out), "bytes": os.path.getsize(p),
                       "sha256": hashlib.sha256(open(p, "rb").read()).hexdigest()})
-toolchain = open(os.path.expanduser(os.environ.get("DEFECTFORGE_CUDA_TOOLCHAIN", "~/.cache/defectforge/cuda")) + "/installed").read().split()
+toolchain = open(os.path.expanduser(os.environ.get("DEFECTFORGE_CUDA_TOOLCHAIN", "~/.cache/defectforge/cuda")) + "/installed").read().splitlines()
 doc = {"commit": commit(), "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
        "cuda_compute_cap": cap, "profile": profile, "cuda_wheels": toolchain,
        "diffusers_wheels": wheels.split(), "files": sorted(files, key=lambda f: f["path"])}

@@ -201,3 +201,35 @@ fn a_pack_without_its_binaries_is_named_broken() {
     assert_eq!(results["status"], "broken-pack");
     assert!(log.contains("scripts/gpu-check.sh pack"), "{log}");
 }
+
+#[test]
+fn binaries_packed_as_one_xz_tar_are_unpacked_and_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pack(
+        dir.path(),
+        &[("parity", "echo \"packed parity $*\"; exit 0")],
+    );
+    let st = Command::new("sh")
+        .arg("-c")
+        .arg("tar cJf bin.tar.xz bin && rm -rf bin")
+        .current_dir(&p)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let smi = fake_smi(dir.path());
+    let out = dir.path().join("results");
+    let (rc, results, log) = run(
+        &p,
+        &out,
+        &path_with(Some(&smi)),
+        &[("GPU_CHECK_STEPS", "parity-f32")],
+    );
+    assert_eq!(rc, 0, "{log}");
+    assert!(log.contains("unpacking bin.tar.xz"), "{log}");
+    let step = &results["steps"][0];
+    assert_eq!(step["status"], "ok", "{results}");
+    assert!(step["tail"][0]
+        .as_str()
+        .unwrap()
+        .contains("packed parity parity_all_fixtures"));
+}

@@ -58,6 +58,7 @@ doc = {
     "reason": reason,
     "gpu": read("gpu.txt"),
     "driver": read("driver.txt"),
+    "curand": read("curand.txt") or "real",
     "pack": {k: pack.get(k) for k in ("commit", "built_at", "cuda_compute_cap", "cuda_wheels")},
     "steps": steps,
 }
@@ -109,18 +110,43 @@ print("\n".join(seen))
 PY
   )
 fi
-for d in /usr/local/cuda/lib64 /usr/lib/x86_64-linux-gnu; do [ -d "$d" ] && libdirs+=("$d"); done
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/local/cuda-13*/lib64 /usr/lib/x86_64-linux-gnu; do
+  [ -d "$d" ] && libdirs+=("$d")
+done
 LD_LIBRARY_PATH="$(IFS=:; echo "${libdirs[*]}")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export LD_LIBRARY_PATH
-probe="$here/bin/parity"
+# the binaries travel as one xz-compressed tar (they share candle and its kernels: 267 MiB
+# of stripped executables pack into about 10 MiB); unpacked beside the pack, or into the
+# results folder where the pack is read-only
+bindir="$here/bin"
+if [ ! -d "$bindir" ] && [ -f "$here/bin.tar.xz" ]; then
+  dest="$here"
+  [ -w "$dest" ] || dest="$out"
+  say "unpacking bin.tar.xz into $dest"
+  if command -v xz >/dev/null 2>&1; then
+    tar -xJf "$here/bin.tar.xz" -C "$dest" 2>>"$log"
+  elif [ -n "$py" ]; then
+    "$py" -c 'import sys, tarfile; tarfile.open(sys.argv[1], "r:xz").extractall(sys.argv[2])' "$here/bin.tar.xz" "$dest" 2>>"$log"
+  fi
+  bindir="$dest/bin"
+fi
+probe="$bindir/parity"
 if [ ! -x "$probe" ]; then
   finish "broken-pack" "bin/parity is missing: rebuild the pack with scripts/gpu-check.sh pack"
   say "bin/parity is missing from the pack: rebuild it with scripts/gpu-check.sh pack"
   exit 1
 fi
 missing=$(ldd "$probe" 2>/dev/null | awk '/not found/ {print $1}' | tr '\n' ' ')
+# torch's CUDA 13 wheels bring no cuRAND: the pack's stand-in (generators can be created, any
+# generate call fails loudly; the engine draws its noise on the CPU) fills in, said so
+if [[ " $missing " == *" libcurand.so.10 "* ]] && [ -f "$here/lib-fallback/libcurand.so.10" ]; then
+  LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$here/lib-fallback"
+  say "no libcurand.so.10 here: using the pack's stand-in (lib-fallback/; the engine never generates random numbers on the GPU)"
+  echo "stand-in" >"$out/curand.txt"
+  missing=$(ldd "$probe" 2>/dev/null | awk '/not found/ {print $1}' | tr '\n' ' ')
+fi
 if [ -n "$missing" ]; then
-  hint="libcuda.so.1 comes with the NVIDIA driver; libcublas/libcublasLt/libnvrtc/libcurand (CUDA 13) and libcudnn.so.9 come with PyTorch's CUDA wheels (pip install nvidia-cublas nvidia-cuda-nvrtc nvidia-curand nvidia-cudnn-cu13) or a CUDA 13 toolkit; searched: $LD_LIBRARY_PATH"
+  hint="libcuda.so.1 comes with the NVIDIA driver; libcudart/libcublas/libcublasLt/libnvrtc/libcurand (CUDA 13) and libcudnn.so.9 come with PyTorch's CUDA wheels (pip install nvidia-cuda-runtime nvidia-cublas nvidia-cuda-nvrtc nvidia-curand nvidia-cudnn-cu13) or a CUDA 13 toolkit; searched: $LD_LIBRARY_PATH"
   no_gpu "the CUDA binaries cannot load: missing $missing— $hint"
 fi
 
@@ -194,16 +220,16 @@ PY
 }
 
 fx="DEFECTFORGE_FIXTURES=$here/fixtures"
-step parity-f32 100 "$fx" DEFECTFORGE_PARITY_DEVICE=cuda -- bin/parity parity_all_fixtures --test-threads 1 --nocapture
-step parity-bf16 100 "$fx" DEFECTFORGE_PARITY_DEVICE=cuda DEFECTFORGE_PARITY_DTYPE=bf16 -- bin/parity parity_half_precision --test-threads 1 --nocapture
-step ad-sample-bf16 150 BATCH=8 STEPS=50,200 DTYPE=bf16 -- bin/ad_sample --bench
-step unet-sd15-bf16 60 BATCHES=1,8 ITERS=5 PROFILE=0 DTYPE=bf16 -- bin/unet_forward --bench
-step unet-sd15-f32 60 BATCHES=1,8 ITERS=5 PROFILE=0 DTYPE=f32 -- bin/unet_forward --bench
-step unet-ldm256-bf16 60 BATCHES=1,8 ITERS=5 PARTS=unet DTYPE=bf16 -- bin/ldm_forward --bench
-step unet-ldm256-f32 60 BATCHES=1,8 ITERS=5 PARTS=unet DTYPE=f32 -- bin/ldm_forward --bench
-step masks-bf16 60 MODE=masks BATCH=8 STEPS=10 DTYPE=bf16 -- bin/ad_sample --bench
-step train-f32 120 BATCH=4,8 STEPS=3 DTYPE=f32 -- bin/train_step --bench
-step train-masks-f32 60 MODE=mask BATCH=4,8 STEPS=3 DTYPE=f32 -- bin/train_step --bench
+step parity-f32 100 "$fx" DEFECTFORGE_PARITY_DEVICE=cuda -- "$bindir/parity" parity_all_fixtures --test-threads 1 --nocapture
+step parity-bf16 100 "$fx" DEFECTFORGE_PARITY_DEVICE=cuda DEFECTFORGE_PARITY_DTYPE=bf16 -- "$bindir/parity" parity_half_precision --test-threads 1 --nocapture
+step ad-sample-bf16 150 BATCH=8 STEPS=50,200 DTYPE=bf16 -- "$bindir/ad_sample" --bench
+step unet-sd15-bf16 60 BATCHES=1,8 ITERS=5 PROFILE=0 DTYPE=bf16 -- "$bindir/unet_forward" --bench
+step unet-sd15-f32 60 BATCHES=1,8 ITERS=5 PROFILE=0 DTYPE=f32 -- "$bindir/unet_forward" --bench
+step unet-ldm256-bf16 60 BATCHES=1,8 ITERS=5 PARTS=unet DTYPE=bf16 -- "$bindir/ldm_forward" --bench
+step unet-ldm256-f32 60 BATCHES=1,8 ITERS=5 PARTS=unet DTYPE=f32 -- "$bindir/ldm_forward" --bench
+step masks-bf16 60 MODE=masks BATCH=8 STEPS=10 DTYPE=bf16 -- "$bindir/ad_sample" --bench
+step train-f32 120 BATCH=4,8 STEPS=3 DTYPE=f32 -- "$bindir/train_step" --bench
+step train-masks-f32 60 MODE=mask BATCH=4,8 STEPS=3 DTYPE=f32 -- "$bindir/train_step" --bench
 if [ -n "$py" ] && "$py" -c "import torch; assert torch.cuda.is_available()" 2>>"$log"; then
   step torch 150 -- "$py" torch_gpu.py --wheels "$here/wheels"
 elif [ -z "$only" ] || [[ ",$only," == *",torch,"* ]]; then

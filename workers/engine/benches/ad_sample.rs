@@ -95,7 +95,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     drop((w, sw));
     let normal =
-        ((Tensor::rand(0f32, 1.0, (batch, 3, 256, 256), &dev)? * 2.0)? - 1.0)?.to_dtype(dtype)?;
+        // drawn on the CPU: the engine needs no cuRAND on the GPU (scripts/gpu/run.sh)
+        ((Tensor::rand(0f32, 1.0, (batch, 3, 256, 256), &Device::Cpu)? * 2.0)? - 1.0)?
+            .to_device(&dev)?
+            .to_dtype(dtype)?;
     let mut mv = vec![0f32; batch * 256 * 256];
     for b in 0..batch {
         for y in 96..160 {
