@@ -188,7 +188,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 dtype,
                 serde_json::json!({"step": s, "batch": batch, "seconds": secs, "forward_s": fwd,
                     "backward_s": bwd, "images_per_s": batch as f64 / secs,
-                    "encoder": if train_encoder { "train" } else { "frozen" }, "loss": loss}),
+                    "encoder": if mask_mode { "none" } else if train_encoder { "train" } else { "frozen" }, "loss": loss}),
             );
             println!(
                 "candle train step {s} batch {batch}: {secs:.1} s (forward {fwd:.1}, backward {bwd:.1}, Adam {:.1}), CPU {:.1} s, peak RSS {:.2} GiB, loss {:.5}",
