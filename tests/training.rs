@@ -9,7 +9,6 @@ mod common;
 
 use common::*;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
 
 fn spec(sc: &Scenario, name: &str, base: &str, out: &str, extra: &str) -> PathBuf {
     let data = sc.dir.path().join("data");
@@ -78,25 +77,10 @@ async fn train_learns_types_survives_kill_9_and_the_model_generates() {
         .spawn()
         .unwrap();
     let store = sc.store(&out).await;
-    let t0 = Instant::now();
-    loop {
-        let commits = store
-            .list("training/resumed/checkpoints/")
-            .await
-            .unwrap()
-            .into_iter()
-            .filter(|m| m.key.ends_with(".commit"))
-            .count();
-        if commits >= 2 {
-            break;
-        }
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the run ended before it could be killed"
-        );
-        assert!(t0.elapsed() < Duration::from_secs(600), "no checkpoint");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_commits(store.as_ref(), "resumed", 2, &mut child, &|| {
+        "the run ended before it could be killed".to_string()
+    })
+    .await;
     assert!(
         child.try_wait().unwrap().is_none(),
         "finished too fast to kill"
@@ -142,26 +126,10 @@ async fn train_learns_types_survives_kill_9_and_the_model_generates() {
         "fleet"
     );
     let mut wa = sc.worker("a", &[]);
-    let t0 = Instant::now();
-    loop {
-        let commits = store
-            .list("training/fleet/checkpoints/")
-            .await
-            .unwrap()
-            .into_iter()
-            .filter(|m| m.key.ends_with(".commit"))
-            .count();
-        if commits >= 1 {
-            break;
-        }
-        assert!(
-            wa.try_wait().unwrap().is_none(),
-            "worker a stopped: {}",
-            sc.worker_log("a")
-        );
-        assert!(t0.elapsed() < Duration::from_secs(600), "no checkpoint");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_commits(store.as_ref(), "fleet", 1, &mut wa, &|| {
+        format!("worker a stopped: {}", sc.worker_log("a"))
+    })
+    .await;
     wa.kill().unwrap(); // SIGKILL, mid-segment
     wa.wait().unwrap();
     let mut wb = sc.worker("b", &[]);

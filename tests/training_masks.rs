@@ -8,7 +8,6 @@ mod common;
 
 use common::*;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
 
 fn spec(sc: &Scenario, name: &str, base: &str, out: &str, data: &str, extra: &str) -> PathBuf {
     sc.write(
@@ -99,26 +98,10 @@ async fn mask_training_learns_types_together_survives_kill_9_and_fills_a_bank() 
     let fleet = spec(&sc, "masks-fleet", &base, &out, &data, "segment_steps = 4");
     sc.ok(&["train", "submit", fleet.to_str().unwrap()]);
     let mut wa = sc.worker("a", &[]);
-    let t0 = Instant::now();
-    loop {
-        let commits = store
-            .list("training/masks-fleet/checkpoints/")
-            .await
-            .unwrap()
-            .into_iter()
-            .filter(|m| m.key.ends_with(".commit"))
-            .count();
-        if commits >= 1 {
-            break;
-        }
-        assert!(
-            wa.try_wait().unwrap().is_none(),
-            "worker a stopped: {}",
-            sc.worker_log("a")
-        );
-        assert!(t0.elapsed() < Duration::from_secs(600), "no checkpoint");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_commits(store.as_ref(), "masks-fleet", 1, &mut wa, &|| {
+        format!("worker a stopped: {}", sc.worker_log("a"))
+    })
+    .await;
     wa.kill().unwrap();
     wa.wait().unwrap();
     let mut wb = sc.worker("b", &[]);

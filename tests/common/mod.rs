@@ -550,3 +550,33 @@ pub fn far_from_mask(mask: &image::GrayImage, d: i64) -> Vec<bool> {
     }
     near.into_iter().map(|n| !n).collect()
 }
+
+/// Waits (up to 10 minutes) until training run `run` under `store` has committed `n`
+/// checkpoints, failing with `why` and its log if `child` exits first.
+pub async fn wait_for_commits(
+    store: &dyn ObjectStore,
+    run: &str,
+    n: usize,
+    child: &mut std::process::Child,
+    why: &dyn Fn() -> String,
+) {
+    let t0 = std::time::Instant::now();
+    loop {
+        let commits = store
+            .list(&format!("training/{run}/checkpoints/"))
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|m| m.key.ends_with(".commit"))
+            .count();
+        if commits >= n {
+            return;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "{}", why());
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(600),
+            "no checkpoint of {run}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

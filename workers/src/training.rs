@@ -458,55 +458,83 @@ fn batch_loss(
     let s = TRAIN_SIZE;
     let images = Tensor::from_vec(prepared.images, (b, 3, s, s), &dev)?.to_dtype(dtype)?;
     let masks = Tensor::from_vec(prepared.masks, (b, 1, s, s), &dev)?.to_dtype(dtype)?;
+    let d = draw_batch(model, &images, picks, names, rng)?;
+    let out = masked_training_loss(
+        model,
+        &LossBatch {
+            latents: &d.latents,
+            masks: &masks,
+            prompts: &d.prompts,
+            names: &d.names,
+            timesteps: &d.timesteps,
+            noise: &d.eps,
+        },
+        bn,
+    )?;
+    Ok((out.loss, prepared.augmented, d.names))
+}
+
+/// What both models' batches draw once their images `[B, 3, 256, 256]` are ready.
+struct Draws {
+    latents: Tensor,
+    prompts: Vec<String>,
+    names: Vec<String>,
+    timesteps: Vec<usize>,
+    eps: Tensor,
+}
+
+/// The draws of a batch from `rng`, in this order: a prompt template per row, the seed of the
+/// VAE posterior sample (then ε from the same stream), a timestep per row; the latents are
+/// `encode_first_stage(images)`, detached.
+fn draw_batch(
+    model: &AnomalyModel,
+    images: &Tensor,
+    picks: &[(usize, usize)],
+    names: &[String],
+    rng: &mut SplitMix64,
+) -> Result<Draws, TrainError> {
+    let b = picks.len();
     let prompts: Vec<String> = (0..b)
         .map(|_| {
             let t = PROMPT_TEMPLATES[(rng.next_u64() % PROMPT_TEMPLATES.len() as u64) as usize];
             t.replace("{}", &model.placeholder)
         })
         .collect();
-    let batch_names: Vec<String> = picks.iter().map(|&(t, _)| names[t].clone()).collect();
+    let names: Vec<String> = picks.iter().map(|&(t, _)| names[t].clone()).collect();
     let mut noise = SeededNoise::new(rng.next_u64());
-    let latents = model.ldm.encode_first_stage(&images, &mut noise)?.detach();
+    let latents = model.ldm.encode_first_stage(images, &mut noise)?.detach();
     let t_max = model.ldm.schedule.num_timesteps() as u64;
     let timesteps: Vec<usize> = (0..b).map(|_| (rng.next_u64() % t_max) as usize).collect();
-    let eps = noise.randn(latents.shape(), dtype, &dev)?;
-    let out = masked_training_loss(
-        model,
-        &LossBatch {
-            latents: &latents,
-            masks: &masks,
-            prompts: &prompts,
-            names: &batch_names,
-            timesteps: &timesteps,
-            noise: &eps,
-        },
-        bn,
-    )?;
-    Ok((out.loss, prepared.augmented, batch_names))
+    let eps = noise.randn(latents.shape(), model.ldm.dtype(), model.ldm.device())?;
+    Ok(Draws {
+        latents,
+        prompts,
+        names,
+        timesteps,
+        eps,
+    })
 }
 
 /// Most examples the fixed evaluation batch holds.
 const EVAL_EXAMPLES: usize = 16;
 
 /// The loss on a fixed evaluation set (every example up to [`EVAL_EXAMPLES`], the same draws
-/// at every call, no augmentation, batch-statistics BatchNorm without updating the running
-/// statistics): comparable across checkpoints. Evaluated in chunks of the training batch, so
-/// it never needs more memory than a training step; the result is the mean over all rows.
+/// at every call; the image model without augmentation and with batch-statistics BatchNorm
+/// that leaves the running statistics alone): comparable across checkpoints. `loss` scores
+/// one chunk of the training batch's size, so evaluating never needs more memory than a
+/// training step; the result is the mean over all rows.
 fn eval_loss(
-    model: &AnomalyModel,
     pool: &[(usize, usize)],
-    samples: &[Vec<LoadedSample>],
-    names: &[String],
     seed: u64,
     batch: usize,
+    loss: impl Fn(&[(usize, usize)], &mut SplitMix64) -> Result<Tensor, TrainError>,
 ) -> Result<f64, TrainError> {
     let picks: Vec<(usize, usize)> = pool.iter().copied().take(EVAL_EXAMPLES).collect();
     let mut sum = 0.0;
     for (i, chunk) in picks.chunks(batch.max(1)).enumerate() {
         let mut rng = step_rng(seed, u64::MAX, i as u64);
-        let (loss, _, _) =
-            batch_loss(model, chunk, samples, names, false, BnMode::Batch, &mut rng)?;
-        sum += loss.detach().to_dtype(DType::F64)?.to_scalar::<f64>()? * chunk.len() as f64;
+        let l = loss(chunk, &mut rng)?;
+        sum += l.detach().to_dtype(DType::F64)?.to_scalar::<f64>()? * chunk.len() as f64;
     }
     Ok(sum / picks.len() as f64)
 }
@@ -646,20 +674,18 @@ pub fn run_blocking(
     };
     let mut opt = Adam::new(tr.named(), adam_cfg)?;
     let evaluate = |model: &AnomalyModel| -> Result<f64, TrainError> {
-        let batch = spec.training.batch as usize;
-        if mask_kind {
-            masks::eval_loss(
-                model,
-                &pool,
-                &mask_rgb,
-                &names,
-                spec.seed,
-                batch,
-                EVAL_EXAMPLES,
-            )
-        } else {
-            eval_loss(model, &pool, &samples, &names, spec.seed, batch)
-        }
+        eval_loss(
+            &pool,
+            spec.seed,
+            spec.training.batch as usize,
+            |chunk, rng| {
+                Ok(if mask_kind {
+                    masks::batch_loss(model, chunk, &mask_rgb, &names, rng)?.0
+                } else {
+                    batch_loss(model, chunk, &samples, &names, false, BnMode::Batch, rng)?.0
+                })
+            },
+        )
     };
     if let Some(st) = state.take() {
         opt.set_states(st.adam)?;

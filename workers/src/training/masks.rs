@@ -1,15 +1,15 @@
 //! The mask model's parts of a training run (`kind = "mask"`, shared/reference/
 //! anomalydiffusion.md §5.1): masks read as RGB images and VAE-encoded, the plain
-//! textual-inversion loss on the mask embeddings, the evaluation loss, and the preview of
+//! textual-inversion loss on the mask embeddings, and the preview of
 //! sampled, post-processed masks with their acceptance.
 
 use bytes::Bytes;
 use defectforge::store::{self, S3Config};
-use defectforge_engine::ad_model::{AnomalyModel, PROMPT_TEMPLATES};
+use defectforge_engine::ad_model::AnomalyModel;
 use defectforge_engine::maskgen::MaskSamplerOptions;
-use defectforge_engine::noise::{PerSampleNoise, SeededNoise, SplitMix64};
+use defectforge_engine::noise::{PerSampleNoise, SplitMix64};
 use defectforge_engine::train::{mask_training_loss, MaskLossBatch};
-use defectforge_engine::{DType, NoiseSource, Tensor};
+use defectforge_engine::Tensor;
 use image::imageops::FilterType;
 
 use super::{TrainError, MAX_INPUT_BYTES, TRAIN_SIZE};
@@ -69,8 +69,8 @@ fn check_binary(img: &image::RgbImage, uri: &str) -> Result<(), TrainError> {
     Ok(())
 }
 
-/// The mask loss of one batch: rows `picks` (type, example), with `rng`'s draws (prompt
-/// templates, the VAE posterior sample, t, ε).
+/// The mask loss of one batch: rows `picks` (type, example), with `rng`'s draws
+/// ([`super::draw_batch`]).
 pub fn batch_loss(
     model: &AnomalyModel,
     picks: &[(usize, usize)],
@@ -87,50 +87,18 @@ pub fn batch_loss(
         flat.extend_from_slice(&masks[t][i]);
     }
     let images = Tensor::from_vec(flat, (b, 3, s, s), &dev)?.to_dtype(dtype)?;
-    let prompts: Vec<String> = (0..b)
-        .map(|_| {
-            let t = PROMPT_TEMPLATES[(rng.next_u64() % PROMPT_TEMPLATES.len() as u64) as usize];
-            t.replace("{}", &model.placeholder)
-        })
-        .collect();
-    let batch_names: Vec<String> = picks.iter().map(|&(t, _)| names[t].clone()).collect();
-    let mut noise = SeededNoise::new(rng.next_u64());
-    let latents = model.ldm.encode_first_stage(&images, &mut noise)?.detach();
-    let t_max = model.ldm.schedule.num_timesteps() as u64;
-    let timesteps: Vec<usize> = (0..b).map(|_| (rng.next_u64() % t_max) as usize).collect();
-    let eps = noise.randn(latents.shape(), dtype, &dev)?;
+    let d = super::draw_batch(model, &images, picks, names, rng)?;
     let out = mask_training_loss(
         model,
         &MaskLossBatch {
-            latents: &latents,
-            prompts: &prompts,
-            names: &batch_names,
-            timesteps: &timesteps,
-            noise: &eps,
+            latents: &d.latents,
+            prompts: &d.prompts,
+            names: &d.names,
+            timesteps: &d.timesteps,
+            noise: &d.eps,
         },
     )?;
-    Ok((out.loss, batch_names))
-}
-
-/// The mask loss on a fixed evaluation set (up to `max` examples, the same draws at every
-/// call), in chunks of `batch`: comparable across checkpoints.
-pub fn eval_loss(
-    model: &AnomalyModel,
-    pool: &[(usize, usize)],
-    masks: &[Vec<Vec<f32>>],
-    names: &[String],
-    seed: u64,
-    batch: usize,
-    max: usize,
-) -> Result<f64, TrainError> {
-    let picks: Vec<(usize, usize)> = pool.iter().copied().take(max).collect();
-    let mut sum = 0.0;
-    for (i, chunk) in picks.chunks(batch.max(1)).enumerate() {
-        let mut rng = super::step_rng(seed, u64::MAX, i as u64);
-        let (loss, _) = batch_loss(model, chunk, masks, names, &mut rng)?;
-        sum += loss.detach().to_dtype(DType::F64)?.to_scalar::<f64>()? * chunk.len() as f64;
-    }
-    Ok(sum / picks.len() as f64)
+    Ok((out.loss, d.names))
 }
 
 /// A preview: the PNG grid and each type's accepted share.

@@ -156,23 +156,7 @@ impl Trainable {
         init: &Tensor,
         encoder_file: Option<&Path>,
     ) -> Result<Self> {
-        let mut embeddings = BTreeMap::new();
-        for n in names {
-            let start = match model.embeddings.get(n) {
-                Some(t) => t.clone(),
-                None => init.clone(),
-            };
-            if start.dims() != init.dims() {
-                return Err(EngineError::Invalid(format!(
-                    "embedding {n:?} has shape {:?}, new ones {:?}",
-                    start.dims(),
-                    init.dims()
-                )));
-            }
-            let var = Var::from_tensor(&start.detach().copy()?)?;
-            model.embeddings.insert(n.clone(), var.as_tensor().clone());
-            embeddings.insert(n.clone(), var);
-        }
+        let embeddings = install_vars(&mut model.embeddings, names, init, "embedding")?;
         let mut encoder = Vec::new();
         if let Some(path) = encoder_file {
             let dev = init.device().clone();
@@ -199,25 +183,7 @@ impl Trainable {
         names: &[String],
         init: &Tensor,
     ) -> Result<Self> {
-        let mut embeddings = BTreeMap::new();
-        for n in names {
-            let start = match model.mask_embeddings.get(n) {
-                Some(t) => t.clone(),
-                None => init.clone(),
-            };
-            if start.dims() != init.dims() {
-                return Err(EngineError::Invalid(format!(
-                    "mask embedding {n:?} has shape {:?}, new ones {:?}",
-                    start.dims(),
-                    init.dims()
-                )));
-            }
-            let var = Var::from_tensor(&start.detach().copy()?)?;
-            model
-                .mask_embeddings
-                .insert(n.clone(), var.as_tensor().clone());
-            embeddings.insert(n.clone(), var);
-        }
+        let embeddings = install_vars(&mut model.mask_embeddings, names, init, "mask embedding")?;
         Ok(Self {
             embeddings,
             encoder: Vec::new(),
@@ -238,6 +204,31 @@ impl Trainable {
         );
         out
     }
+}
+
+/// Replaces each of `names` in `table` by a `Var` (its current tensor, or `init` for a name
+/// the table lacks) and returns the `Var`s; every start must have `init`'s shape.
+fn install_vars(
+    table: &mut BTreeMap<String, Tensor>,
+    names: &[String],
+    init: &Tensor,
+    what: &str,
+) -> Result<BTreeMap<String, Var>> {
+    let mut vars = BTreeMap::new();
+    for n in names {
+        let start = table.get(n).unwrap_or(init);
+        if start.dims() != init.dims() {
+            return Err(EngineError::Invalid(format!(
+                "{what} {n:?} has shape {:?}, new ones {:?}",
+                start.dims(),
+                init.dims()
+            )));
+        }
+        let var = Var::from_tensor(&start.detach().copy()?)?;
+        table.insert(n.clone(), var.as_tensor().clone());
+        vars.insert(n.clone(), var);
+    }
+    Ok(vars)
 }
 
 fn model_dtype(model: &AnomalyModel) -> DType {
