@@ -120,7 +120,8 @@ const CATEGORIES: &[Cat] = &[
 ];
 
 /// Writes the demo dataset (MVTec layout) under `root`: per category 8 normal training images,
-/// and per defect type 6 defect images with their masks (so the few-shot split takes 2 of them).
+/// 6 good test images, and per defect type 6 defect images with their masks (so the few-shot
+/// split takes 2 of them and 4 are left for evaluation).
 pub fn materialise(root: &Path) -> std::io::Result<()> {
     let save = |img: &RgbImage, p: &Path| -> std::io::Result<()> {
         std::fs::create_dir_all(p.parent().expect("parent"))?;
@@ -132,6 +133,13 @@ pub fn materialise(root: &Path) -> std::io::Result<()> {
             save(
                 &make(cseed + i),
                 &root.join(format!("{cat}/train/good/{i:03}.png")),
+            )?;
+        }
+        // good test images (the evaluation's negatives), never in train/good
+        for i in 0..6u64 {
+            save(
+                &make(cseed + 50 + i),
+                &root.join(format!("{cat}/test/good/{i:03}.png")),
             )?;
         }
         for (di, (defect, kind)) in defects.iter().enumerate() {

@@ -6,6 +6,7 @@
 pub mod campaign;
 pub mod dataset;
 pub mod demo;
+pub mod evaluation;
 pub mod foreground;
 pub mod ids;
 pub mod imaging;

@@ -970,6 +970,60 @@ pub async fn train_run(
     Err(crate::embedded::not_embedded("`train run`"))
 }
 
+/// `eval`: trains and scores the detectors of an evaluation spec on this machine; prints the
+/// comparison table (or results.json with --json). Exit 0 when every detector was scored.
+#[cfg(feature = "embedded")]
+pub async fn eval(path: &Path, compare: Vec<String>, json: bool, s3: &S3Config) -> Result<i32> {
+    let mut spec = defectforge::evaluation::EvalSpec::load(path)?;
+    if !compare.is_empty() {
+        let cwd = std::env::current_dir()?;
+        spec.campaigns = compare
+            .iter()
+            .map(|c| {
+                if c.starts_with("s3://") || Path::new(c).is_absolute() {
+                    c.trim_end_matches('/').to_string()
+                } else {
+                    cwd.join(c).display().to_string()
+                }
+            })
+            .collect();
+        spec.check().map_err(|e| anyhow!("--compare: {e}"))?;
+    }
+    let (dev, _) = defectforge_worker::models::engine_device()?;
+    let tty = std::io::stderr().is_terminal();
+    let progress: std::sync::Arc<dyn Fn(&str) + Send + Sync> =
+        std::sync::Arc::new(move |m: &str| {
+            if tty {
+                eprintln!("{m}");
+            } else {
+                tracing::info!("{m}");
+            }
+        });
+    let t0 = Instant::now();
+    let report = defectforge_worker::evaluation::run(&spec, s3, &dev, progress)
+        .await
+        .with_context(|| format!("evaluation {} failed", spec.name))?;
+    eprintln!(
+        "evaluation {}: {} detector(s) trained and scored in {:.1} s; results in {}/evaluations/{}/",
+        report.name,
+        report.results.len(),
+        t0.elapsed().as_secs_f64(),
+        spec.output.trim_end_matches('/'),
+        report.name
+    );
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", defectforge_worker::evaluation::print_table(&report));
+    }
+    Ok(0)
+}
+
+#[cfg(not(feature = "embedded"))]
+pub async fn eval(_path: &Path, _compare: Vec<String>, _json: bool, _s3: &S3Config) -> Result<i32> {
+    Err(crate::embedded::not_embedded("`eval`"))
+}
+
 /// `train status`: the newest checkpoint, recent losses and the result of a run; exit 0 when
 /// it finished, 1 otherwise.
 pub async fn train_status(path: &Path, json: bool, s3: &S3Config) -> Result<i32> {

@@ -164,6 +164,21 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ModelsCmd,
     },
+    /// Does the data help? Train the paper's detector (DRAEM's discriminative U-Net) per
+    /// category and seed on half real normals and half a campaign's generated pairs, score it on
+    /// the real test defects the generator never saw; several campaigns: one comparison table
+    Eval {
+        /// evaluation spec (TOML, see configs/eval/)
+        spec: PathBuf,
+        /// compare these campaign folders (<output>/campaigns/<id>) instead of the spec's
+        #[arg(long, env = "DEFECTFORGE_EVAL_COMPARE", num_args = 1.., value_delimiter = ',')]
+        compare: Vec<String>,
+        /// print results.json instead of the table
+        #[arg(long, env = "DEFECTFORGE_JSON")]
+        json: bool,
+        #[command(flatten)]
+        s3: S3Args,
+    },
     /// Learn new defect types from a few real examples (AnomalyDiffusion's embeddings and
     /// spatial encoder, the official recipe); the result is a model campaigns can use
     Train {
@@ -537,6 +552,12 @@ async fn main() {
         Cmd::Train {
             cmd: TrainCmd::Cancel { spec, s3 },
         } => commands::train_cancel(&spec, &s3.config()).await,
+        Cmd::Eval {
+            spec,
+            compare,
+            json,
+            s3,
+        } => commands::eval(&spec, compare, json, &s3.config()).await,
     };
     match r {
         Ok(code) => std::process::exit(code),

@@ -6,6 +6,10 @@ pub mod cli;
 #[cfg(feature = "engine")]
 pub mod compute;
 #[cfg(feature = "engine")]
+pub mod evaluation;
+#[cfg(feature = "engine")]
+mod evaluation_pictures;
+#[cfg(feature = "engine")]
 pub mod generators;
 #[cfg(feature = "engine")]
 pub mod http;

@@ -51,6 +51,7 @@
 pub mod anomalydiffusion;
 pub mod control;
 pub mod cpu_ops;
+pub mod detect;
 pub mod error;
 pub mod ldm;
 pub mod nn;

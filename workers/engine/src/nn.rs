@@ -257,7 +257,12 @@ pub fn conv2d(
 
 /// The im2col matrix of `x` `[B, C, H, W]` for a `k`×`k` kernel: `[B, k·k·C, OH·OW]` in
 /// (kh, kw, c) row order, built from shifted (and, for stride > 1, subsampled) views.
-fn im2col(x: &Tensor, k: usize, stride: usize, p: usize) -> Result<(Tensor, usize, usize)> {
+pub(crate) fn im2col(
+    x: &Tensor,
+    k: usize,
+    stride: usize,
+    p: usize,
+) -> Result<(Tensor, usize, usize)> {
     let (b, c, h, w) = x.dims4()?;
     if h + 2 * p < k || w + 2 * p < k {
         candle_core::bail!("conv2d: {k}x{k} kernel on a {h}x{w} input with padding {p}");

@@ -97,6 +97,11 @@ impl Adam {
         &self.config
     }
 
+    /// Sets the learning rate of the next steps (a scheduler's `param_group["lr"] = …`).
+    pub fn set_lr(&mut self, lr: f64) {
+        self.config.lr = lr;
+    }
+
     pub fn params(&self) -> &[(String, Var)] {
         &self.params
     }
