@@ -74,9 +74,9 @@ async fn load_campaign(uri: &str, s3: &S3Config) -> Result<Campaign> {
     };
     let mut rows = vec![];
     for part in &index.parts {
-        let key = part
-            .strip_prefix(&format!("{}/", st.root_uri().trim_end_matches('/')))
-            .unwrap_or(part);
+        // parts are listed as full URIs (or keys): the key starts at the manifest prefix
+        let prefix = defectforge::layout::manifest_prefix(&cid);
+        let key = part.rfind(&prefix).map_or(part.as_str(), |i| &part[i..]);
         let b = st
             .get(key)
             .await
